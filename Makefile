@@ -1,0 +1,31 @@
+# Every target creates .venv on first use. The torch pin lives in constraints.txt:
+# without it pip pulls a multi-GB CUDA build.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
+STAMP  := $(VENV)/.installed
+PORTFOLIO ?= build/portfolio
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) -e '.[export,tflite,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgeshift-export portfolio --out $(PORTFOLIO) --force
+	$(VENV)/bin/edgeshift-export inspect $(PORTFOLIO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/structured.py
+	$(PY) bench/portfolio_cost.py
+
+clean:
+	rm -rf build .pytest_cache
