@@ -1,0 +1,142 @@
+"""edgeshift-export: train a model, build a portfolio of its pruned variants, inspect a portfolio."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agent.portfolio import Portfolio, PortfolioError
+from exporter.errors import ExportError
+
+DEFAULT_WIDTH = 0.5
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ExportError, PortfolioError) as error:
+        print(f"edgeshift-export: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeshift-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _train(args) -> int:
+    import torch
+
+    from exporter.data import load_dataset
+    from exporter.models import build_model
+    from exporter.train import seeded, train
+
+    if args.out.exists() and not args.force:
+        raise ExportError(f"{args.out} exists; pass --force to overwrite it")
+    data = load_dataset(args.data, seed=args.seed)
+    config = _train_config(args)
+    model = seeded(args.seed, lambda: build_model(args.model, data.num_classes, args.width, data.input_shape[0]))
+    result = train(model, data, config, rewind_iteration=args.rewind_iteration)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    torch.save({"model": model.state_dict(), "rewind": result.rewind_state, "rewind_iteration": args.rewind_iteration,
+                "accuracy": result.accuracy, "model_name": args.model, "width": args.width, "data": args.data,
+                "train": config.to_dict()}, partial)
+    partial.replace(args.out)
+    print(f"trained {args.model} on {data.name}: test accuracy {result.accuracy:.4f}, saved {args.out}")
+    return 0
+
+
+def _portfolio(args) -> int:
+    from exporter.pipeline import PortfolioSpec, build_portfolio
+    from exporter.pruning.imp import ImpConfig
+
+    if args.prune_fraction is not None and not 0 < args.prune_fraction < 1:
+        raise ExportError(f"--prune-fraction must be between 0 and 1, got {args.prune_fraction}")
+    spec = PortfolioSpec(
+        out=args.out, model=args.model, width=args.width, data=args.data, checkpoint=args.checkpoint,
+        train=_train_config(args),
+        imp=ImpConfig(levels=args.imp_levels, fraction=args.prune_fraction, rewind_iteration=args.rewind_iteration,
+                      include_classifier=args.prune_classifier, level_epochs=args.level_epochs),
+        levels=args.levels, tflite=not args.no_tflite, run_dir=args.run_dir, name=args.name, force=args.force,
+        progress=not args.quiet,
+    )
+    manifest = build_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+    print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from exporter.report import variant_table
+
+    portfolio = Portfolio.open(args.dir)
+    m = portfolio.manifest
+    print(f"{m.name}  ({m.task}, {len(m.variants)} variants, default {m.default_variant}, created {m.created})")
+    print(f"manifest sha256 {portfolio.digest}; every file present and matching its checksum")
+    print(variant_table(m))
+    return 0
+
+
+def _train_config(args):
+    from exporter.train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated integers like 0,3,6, got {text!r}")
+    if not levels or min(levels) < 0:
+        raise argparse.ArgumentTypeError(f"levels must be non-negative integers, got {text!r}")
+    return levels
+
+
+def _parser() -> argparse.ArgumentParser:
+    from exporter.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="edgeshift-export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_and_data(p):
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help="zoo name (resnet20, resnet56, vgg16, mobilenetv2) or package.module:factory")
+        p.add_argument("--width", type=float, default=DEFAULT_WIDTH, help="channel width multiplier")
+        p.add_argument("--data", default="digits",
+                       help="'digits' (bundled), a CIFAR-10 python directory, or an .npz with x and y")
+        p.add_argument("--epochs", type=int, default=10)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=0.05)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--rewind-iteration", type=int, default=50, help="iteration whose weights IMP rewinds to")
+        p.add_argument("--force", action="store_true", help="replace an existing output")
+
+    train = commands.add_parser("train", help="train a dense model and save a checkpoint")
+    model_and_data(train)
+    train.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    train.set_defaults(run=_train)
+
+    portfolio = commands.add_parser("portfolio", help="IMP + structured step + export: a portfolio directory")
+    model_and_data(portfolio)
+    portfolio.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
+    portfolio.add_argument("--checkpoint", type=Path, help="dense weights to start from instead of training")
+    portfolio.add_argument("--imp-levels", type=int, default=9, help="IMP levels trained after the dense one")
+    portfolio.add_argument("--level-epochs", type=int, default=3, help="retraining epochs per IMP level")
+    portfolio.add_argument("--prune-fraction", type=float, default=0.2, help="share of surviving weights pruned per level")
+    portfolio.add_argument("--prune-classifier", action="store_true", help="let IMP prune the final linear layer too")
+    portfolio.add_argument("--levels", type=_levels, help="levels kept as variants, e.g. 0,3,6,9 (default: every third and the last)")
+    portfolio.add_argument("--run-dir", type=Path, help="keep per-level checkpoints here and reuse them on the next run")
+    portfolio.add_argument("--no-tflite", action="store_true", help="export ONNX only")
+    portfolio.add_argument("--name", help="portfolio name (default: model-dataset)")
+    portfolio.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+    portfolio.set_defaults(run=_portfolio)
+
+    inspect = commands.add_parser("inspect", help="verify a portfolio and print its variants")
+    inspect.add_argument("dir", type=Path)
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

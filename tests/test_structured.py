@@ -1,0 +1,146 @@
+"""The structured step removes dead channels and never changes an output."""
+import pytest
+import torch
+import torch.nn as nn
+
+from exporter.models import ZOO, build_model, classifier_of
+from exporter.pruning.masks import apply_masks, full_masks, prunable_weights, with_batchnorm_of_empty_filters
+from exporter.pruning.structured import remove_dead_channels
+
+EXACT = 1e-4
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Trained-looking BN statistics, so an emptied filter still emits a non-zero constant."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+
+
+def plant_empty_structure(model: nn.Module, filters: float, columns: float, seed: int = 0):
+    """Empty a share of every conv's filters and input columns, the way IMP's masks would, BN included."""
+    g = torch.Generator().manual_seed(seed)
+    weights = prunable_weights(model, classifier_of(model), include_classifier=False)
+    masks = full_masks(weights)
+    for name, mask in masks.ranked.items():
+        out_channels, in_channels = mask.shape[:2]
+        mask[torch.rand(out_channels, generator=g) < filters] = False
+        if in_channels > 1:
+            mask[:, torch.rand(in_channels, generator=g) < columns] = False
+    masks = with_batchnorm_of_empty_filters(model, masks, torch.randn(1, 3, 32, 32))
+    apply_masks(model, masks)
+    return masks
+
+
+def max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a.eval()(x) - b.eval()(x)).abs().max())
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_structured_step_is_exact_on_every_zoo_model(name):
+    torch.manual_seed(0)
+    sparse = build_model(name, num_classes=10, width=0.25)
+    randomize_batchnorm(sparse)
+    plant_empty_structure(sparse, filters=0.3, columns=0.2)
+    x = torch.randn(8, 3, 32, 32)
+
+    result = remove_dead_channels(sparse, x[:1], keep_outputs_of=classifier_of(sparse))
+
+    assert params(result.model) < 0.85 * params(sparse)
+    assert max_diff(sparse, result.model, x) <= EXACT
+    assert result.model(x).shape == (8, 10)
+    assert sum(result.removed.values()) > 0
+
+
+def test_emptied_filter_with_live_batchnorm_constant_is_kept():
+    """A zero filter followed by BN still emits ReLU(beta - gamma*mean/std): removing it would change outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    randomize_batchnorm(model)
+    with torch.no_grad():
+        model[0].weight[2] = 0          # emptied, but BN 1 keeps emitting its constant on channel 2
+        model[1].bias[2] = 1.0
+    x = torch.randn(4, 3, 32, 32)
+
+    result = remove_dead_channels(model, x[:1], keep_outputs_of=model[8])
+
+    assert result.model[0].out_channels == 8
+    assert max_diff(model, result.model, x) <= EXACT
+    with torch.no_grad():
+        before = model.eval()(x)
+        model[1].weight[2], model[1].bias[2] = 0.0, 0.0  # what removing channel 2 outright would compute
+        assert float((model(x) - before).abs().max()) > 1e-3
+
+
+def test_batchnorm_masked_behind_emptied_filter_makes_it_removable():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    randomize_batchnorm(model)
+    masks = full_masks(prunable_weights(model, model[5], include_classifier=False))
+    masks.ranked["0.weight"][[1, 5]] = False
+
+    masks = with_batchnorm_of_empty_filters(model, masks, torch.randn(1, 3, 32, 32))
+    apply_masks(model, masks)
+    result = remove_dead_channels(model, torch.randn(1, 3, 32, 32), keep_outputs_of=model[5])
+
+    assert masks.derived["1.weight"].tolist() == [True, False, True, True, True, False, True, True]
+    assert result.model[0].out_channels == 6
+    assert result.model[5].in_features == 6
+    assert max_diff(model, result.model, torch.randn(4, 3, 32, 32)) <= EXACT
+
+
+def test_channel_nobody_reads_is_removed():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[:, [0, 3]] = 0  # the 1x1 conv ignores channels 0 and 3 of the first conv
+
+    result = remove_dead_channels(model, torch.randn(1, 3, 16, 16), keep_outputs_of=model[5])
+
+    assert result.model[0].out_channels == 6
+    assert max_diff(model, result.model, torch.randn(4, 3, 16, 16)) <= EXACT
+
+
+def test_fully_dead_layer_keeps_one_channel_and_stays_exact():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+
+    result = remove_dead_channels(model, torch.randn(1, 3, 16, 16), keep_outputs_of=model[5])
+
+    assert result.model[0].out_channels == 1
+    assert max_diff(model, result.model, torch.randn(4, 3, 16, 16)) <= EXACT
+
+
+def test_classifier_outputs_are_never_removed():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    with torch.no_grad():
+        model[3].weight[2] = 0
+        model[3].bias[2] = 0
+
+    result = remove_dead_channels(model, torch.randn(1, 3, 8, 8), keep_outputs_of=model[3])
+
+    assert result.model[3].out_features == 5
+
+
+def test_source_model_is_left_untouched():
+    model = build_model("resnet20", width=0.25)
+    plant_empty_structure(model, filters=0.5, columns=0.0)
+    before = params(model)
+
+    remove_dead_channels(model, torch.randn(1, 3, 32, 32), keep_outputs_of=classifier_of(model))
+
+    assert params(model) == before
