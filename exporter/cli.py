@@ -35,7 +35,7 @@ def _train(args) -> int:
     data = load_dataset(args.data, seed=args.seed)
     config = _train_config(args)
     model = seeded(args.seed, lambda: build_model(args.model, data.num_classes, args.width, data.input_shape[0]))
-    result = train(model, data, config, rewind_iteration=args.rewind_iteration)
+    result = train(model, data, config, rewind_iteration=args.rewind_iteration, progress=not args.quiet)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")
     torch.save({"model": model.state_dict(), "rewind": result.rewind_state, "rewind_iteration": args.rewind_iteration,
@@ -95,6 +95,8 @@ def _levels(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     from exporter.models import DEFAULT_MODEL
+    from exporter.pruning.imp import ImpConfig
+    from exporter.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="edgeshift-export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,12 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--width", type=float, default=DEFAULT_WIDTH, help="channel width multiplier")
         p.add_argument("--data", default="digits",
                        help="'digits' (bundled), a CIFAR-10 python directory, or an .npz with x and y")
-        p.add_argument("--epochs", type=int, default=10)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--lr", type=float, default=0.05)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--rewind-iteration", type=int, default=50, help="iteration whose weights IMP rewinds to")
+        p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+        p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+        p.add_argument("--lr", type=float, default=TrainConfig.lr)
+        p.add_argument("--seed", type=int, default=TrainConfig.seed)
+        p.add_argument("--rewind-iteration", type=int, default=ImpConfig.rewind_iteration, help="iteration whose weights IMP rewinds to")
         p.add_argument("--force", action="store_true", help="replace an existing output")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
 
     train = commands.add_parser("train", help="train a dense model and save a checkpoint")
     model_and_data(train)
@@ -121,15 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     model_and_data(portfolio)
     portfolio.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
     portfolio.add_argument("--checkpoint", type=Path, help="dense weights to start from instead of training")
-    portfolio.add_argument("--imp-levels", type=int, default=9, help="IMP levels trained after the dense one")
-    portfolio.add_argument("--level-epochs", type=int, default=3, help="retraining epochs per IMP level")
-    portfolio.add_argument("--prune-fraction", type=float, default=0.2, help="share of surviving weights pruned per level")
+    portfolio.add_argument("--imp-levels", type=int, default=ImpConfig.levels, help="IMP levels trained after the dense one")
+    portfolio.add_argument("--level-epochs", type=int, default=ImpConfig.level_epochs, help="retraining epochs per IMP level")
+    portfolio.add_argument("--prune-fraction", type=float, default=ImpConfig.fraction, help="share of surviving weights pruned per level")
     portfolio.add_argument("--prune-classifier", action="store_true", help="let IMP prune the final linear layer too")
     portfolio.add_argument("--levels", type=_levels, help="levels kept as variants, e.g. 0,3,6,9 (default: every third and the last)")
     portfolio.add_argument("--run-dir", type=Path, help="keep per-level checkpoints here and reuse them on the next run")
     portfolio.add_argument("--no-tflite", action="store_true", help="export ONNX only")
     portfolio.add_argument("--name", help="portfolio name (default: model-dataset)")
-    portfolio.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
     portfolio.set_defaults(run=_portfolio)
 
     inspect = commands.add_parser("inspect", help="verify a portfolio and print its variants")

@@ -7,6 +7,7 @@ those early weights, and retrains with the mask enforced. Every level is a spars
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +25,11 @@ from exporter.train import TrainConfig, evaluate, train
 
 @dataclass
 class ImpConfig:
-    levels: int = 12                # levels trained after the dense one
+    levels: int = 9                 # levels trained after the dense one
     fraction: float = 0.2           # of the surviving weights, pruned per level
     rewind_iteration: int = 50      # the weights every level rewinds to
     include_classifier: bool = False
-    level_epochs: int | None = None  # retraining epochs per level; default: as many as the dense run
+    level_epochs: int | None = 3     # retraining epochs per level; None: as many as the dense run
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Level:
     accuracy: float
     state: dict          # trained weights, masked
     masks: Masks
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # pruning + retraining wall time of this level
 
 
 def run_imp(build: Callable[[], nn.Module], data: Dataset, train_config: TrainConfig, config: ImpConfig,
@@ -67,10 +68,12 @@ def run_imp(build: Callable[[], nn.Module], data: Dataset, train_config: TrainCo
         dense = store.save(0, Level(0, 1.0, accuracy, _copy(model.state_dict()), full_masks(weights)),
                            pretrained.get("rewind") or _copy(model.state_dict()))
     elif dense is None:
+        started = time.perf_counter()
         result = train(model, data, train_config, rewind_iteration=config.rewind_iteration,
                        description="level 0 (dense)", progress=progress)
         rewind = result.rewind_state or _copy(model.state_dict())
-        dense = store.save(0, Level(0, 1.0, result.accuracy, _copy(model.state_dict()), full_masks(weights)), rewind)
+        dense = store.save(0, Level(0, 1.0, result.accuracy, _copy(model.state_dict()), full_masks(weights),
+                                    time.perf_counter() - started), rewind)
     rewind = store.rewind_state()
     previous = dense
     if 0 in keep:
@@ -79,13 +82,15 @@ def run_imp(build: Callable[[], nn.Module], data: Dataset, train_config: TrainCo
     for level in range(1, config.levels + 1):
         current = store.load(level)
         if current is None:
+            started = time.perf_counter()
             model.load_state_dict(previous.state)
             masks = global_magnitude_prune(weights, previous.masks, config.fraction)
             masks = with_batchnorm_of_empty_filters(model, masks, example)
             model.load_state_dict(rewind)
             result = train(model, data, level_train, masks=masks, description=f"level {level} "
                            f"(density {masks.density:.3f})", progress=progress)
-            current = store.save(level, Level(level, masks.density, result.accuracy, _copy(model.state_dict()), masks))
+            current = store.save(level, Level(level, masks.density, result.accuracy, _copy(model.state_dict()), masks,
+                                              time.perf_counter() - started))
         if level in keep:
             kept[level] = current
         previous = current
@@ -121,14 +126,15 @@ class _LevelStore:
         saved = torch.load(self._path(level), map_location="cpu", weights_only=True)
         if level == 0:
             self._rewind = saved["rewind"]
-        return Level(level, saved["density"], saved["accuracy"], saved["model"], Masks.from_state_dict(saved["masks"]))
+        return Level(level, saved["density"], saved["accuracy"], saved["model"], Masks.from_state_dict(saved["masks"]),
+                     saved.get("train_seconds", 0.0))
 
     def save(self, level: int, result: Level, rewind: dict | None = None) -> Level:
         if rewind is not None:
             self._rewind = rewind
         if self.run_dir is not None:
             payload = {"model": result.state, "masks": result.masks.state_dict(), "density": result.density,
-                       "accuracy": result.accuracy}
+                       "accuracy": result.accuracy, "train_seconds": result.train_seconds}
             if level == 0:
                 payload["rewind"] = self._rewind
             torch.save(payload, self._path(level))

@@ -1,0 +1,156 @@
+"""edgeshift-export end to end on digits, and every bad input answered with one clear line."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from agent.portfolio import Portfolio
+from exporter import pipeline
+from exporter.cli import main
+from exporter.errors import ExportError
+from exporter.export import load_tflite_interpreter
+from exporter.models import build_model
+
+TRAIN_TINY = ["--width", "0.25", "--epochs", "1", "--rewind-iteration", "5", "--quiet"]
+TINY = [*TRAIN_TINY, "--level-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def portfolio_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "portfolio"
+    assert main(["portfolio", "--out", str(out), "--imp-levels", "2", "--prune-fraction", "0.5", *TINY]) == 0
+    return out
+
+
+def test_small_imp_run_gives_a_portfolio_the_agent_contract_accepts(portfolio_dir):
+    portfolio = Portfolio.open(portfolio_dir)
+    manifest = portfolio.manifest
+
+    assert [v.id for v in manifest.variants] == ["dense", "imp-l02-sparse", "imp-l02-structured"]
+    assert [v.method for v in manifest.variants] == ["dense", "imp-sparse", "imp-structured"]
+    assert manifest.variant("imp-l02-structured").parent == "imp-l02-sparse"
+    assert manifest.variant("imp-l02-sparse").density == pytest.approx(0.25, abs=0.01)
+    assert manifest.variant("imp-l02-sparse").params_nonzero < manifest.variant("dense").params_nonzero
+    structured = manifest.variant("imp-l02-structured")
+    assert structured.details["max_abs_diff_vs_parent"] <= 1e-4
+    assert structured.metrics["accuracy"] == manifest.variant("imp-l02-sparse").metrics["accuracy"]
+    assert manifest.inputs[0].shape == [-1, 3, 32, 32] and manifest.labels == [str(d) for d in range(10)]
+    for variant in manifest.variants:
+        assert set(variant.files) == {"onnx", "tflite"}
+        assert variant.host_latency_ms["p50"] <= variant.host_latency_ms["p95"]
+    assert (portfolio_dir / "report.md").read_text().count("imp-l02-") >= 2
+    assert (portfolio_dir / "pareto.png").stat().st_size > 1000
+
+
+def test_every_exported_file_answers_like_torch_did(portfolio_dir):
+    portfolio = Portfolio.open(portfolio_dir)
+    samples = portfolio.samples()
+    x = samples.inputs[0]
+    for variant in portfolio.manifest.variants:
+        expected = samples.expected[variant.id]
+        session = ort.InferenceSession(str(portfolio.file_path(variant.id, "onnx")))
+        assert np.abs(session.run(None, {"input": x})[0] - expected).max() <= 1e-4
+
+        interpreter = load_tflite_interpreter(portfolio.file_path(variant.id, "tflite"))
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+        interpreter.set_tensor(inp["index"], x[:1])
+        interpreter.invoke()
+        assert np.abs(interpreter.get_tensor(out["index"]) - expected[:1]).max() <= 1e-4
+
+
+def test_inspect_verifies_and_lists_the_variants(portfolio_dir, capsys):
+    assert main(["inspect", str(portfolio_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "imp-l02-structured" in out and "matching its checksum" in out
+
+
+def test_inspect_refuses_a_tampered_portfolio(portfolio_dir, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(portfolio_dir, copy)
+    with open(copy / "variants" / "dense.onnx", "ab") as f:
+        f.write(b"\0")
+
+    assert main(["inspect", str(copy)]) == 2
+    assert "variants/dense.onnx" in capsys.readouterr().err
+
+
+def test_train_then_build_from_the_checkpoint(tmp_path):
+    checkpoint = tmp_path / "dense.pt"
+    assert main(["train", "--out", str(checkpoint), *TRAIN_TINY]) == 0
+    out = tmp_path / "portfolio"
+    assert main(["portfolio", "--out", str(out), "--checkpoint", str(checkpoint), "--imp-levels", "1",
+                 "--no-tflite", *TINY]) == 0
+    manifest = Portfolio.open(out).manifest
+    assert manifest.variant("dense").metrics["accuracy"] == torch.load(checkpoint, weights_only=True)["accuracy"]
+    assert set(manifest.variant("dense").files) == {"onnx"}
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run the CLI, expect a refusal, and return its one-line message."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgeshift-export: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "resnet99"], "unknown model 'resnet99'"),
+    (["--model", "nosuchpkg.models:factory"], "nosuchpkg"),
+    (["--data", "/no/such/data"], "/no/such/data"),
+    (["--levels", "0,5", "--imp-levels", "2"], "level 5 was not trained"),
+    (["--prune-fraction", "1.5"], "--prune-fraction"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "portfolio"
+    assert message in refused(["portfolio", "--out", str(out), *TINY, "--imp-levels", "1", *extra], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_file_in_a_wrong_format_is_refused(tmp_path, capsys):
+    junk = tmp_path / "data.csv"
+    junk.write_text("1,2,3\n")
+    assert "data.csv" in refused(["portfolio", "--out", str(tmp_path / "p"), "--data", str(junk), *TINY], capsys)
+    assert not (tmp_path / "p").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
+    checkpoint = tmp_path / "wide.pt"
+    torch.save(build_model("resnet20", width=0.5).state_dict(), checkpoint)
+    message = refused(["portfolio", "--out", str(tmp_path / "p"), "--checkpoint", str(checkpoint), *TINY], capsys)
+    assert "does not fit resnet20" in message
+    assert not (tmp_path / "p").exists()
+
+
+def test_non_empty_output_needs_force(tmp_path, capsys):
+    out = tmp_path / "portfolio"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert "--force" in refused(["portfolio", "--out", str(out), *TINY], capsys)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise ExportError("onnx export failed for a reason")
+    monkeypatch.setattr(pipeline, "export_onnx", broken_export)
+    out = tmp_path / "portfolio"
+
+    with pytest.raises(ExportError):
+        pipeline.build_portfolio(pipeline.PortfolioSpec(out=out, model="resnet20", width=0.25, levels=[0],
+                                                        imp=pipeline.ImpConfig(levels=0), progress=False,
+                                                        train=pipeline.TrainConfig(epochs=1)),
+                                 log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "portfolio", "--out", str(tmp_path / "p"),
+                             "--model", "nosuch"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("edgeshift-export: error: unknown model 'nosuch'")
+    assert "Traceback" not in result.stderr
