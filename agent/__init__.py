@@ -3,3 +3,5 @@
 Runs on Raspberry Pis and Jetsons: numpy, onnxruntime, psutil, paho-mqtt only, never torch.
 This package import stays light; submodules import their heavy dependencies themselves.
 """
+
+__version__ = "0.1.0"

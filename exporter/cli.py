@@ -77,6 +77,25 @@ def _inspect(args) -> int:
     return 0
 
 
+def _sign(args) -> int:
+    from agent.signing import sign_manifest
+
+    Portfolio.open(args.dir)  # sign only what verifies
+    print(f"signed: {sign_manifest(args.dir, args.key)}")
+    return 0
+
+
+def _keygen(args) -> int:
+    from agent.signing import generate_keypair
+
+    private, public = args.out.with_suffix(".pem"), args.out.with_suffix(".pub")
+    if (private.exists() or public.exists()) and not args.force:
+        raise ExportError(f"{private} or {public} exists; pass --force to replace the key pair")
+    generate_keypair(private, public)
+    print(f"private key {private} (keep it on the build host), public key {public} (for agent.toml public_key)")
+    return 0
+
+
 def _train_config(args):
     from exporter.train import TrainConfig
 
@@ -137,6 +156,15 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="verify a portfolio and print its variants")
     inspect.add_argument("dir", type=Path)
     inspect.set_defaults(run=_inspect)
+    sign = commands.add_parser("sign", help="sign a portfolio's manifest (ed25519) for agents with a public_key")
+    sign.add_argument("dir", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="ed25519 private key (PEM)")
+    sign.set_defaults(run=_sign)
+
+    keygen = commands.add_parser("keygen", help="make an ed25519 key pair for signing portfolios")
+    keygen.add_argument("--out", type=Path, required=True, help="path prefix: writes PREFIX.pem and PREFIX.pub")
+    keygen.add_argument("--force", action="store_true")
+    keygen.set_defaults(run=_keygen)
     return parser
 
 

@@ -1,0 +1,61 @@
+"""On-device latency of every variant, measured side by side, and its store in the state directory."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.backends import Session
+from agent.stats import LatencySummary, percentile
+
+
+def bench_sessions(sessions: dict[str, Session], sample: list[np.ndarray], runs: int = 50, warmup: int = 5
+                   ) -> dict[str, LatencySummary]:
+    """Latency per variant at the sample's batch; one run of each per round, so noise hits all alike."""
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(sample)
+    times: dict[str, list[float]] = {vid: [] for vid in sessions}
+    order = list(sessions)
+    for round_index in range(runs):
+        shift = round_index % len(order)
+        for vid in order[shift:] + order[:shift]:
+            started = time.perf_counter()
+            sessions[vid].run(sample)
+            times[vid].append((time.perf_counter() - started) * 1000)
+    summaries = {}
+    for vid, values in times.items():
+        values.sort()
+        summaries[vid] = LatencySummary(len(values), percentile(values, 50), percentile(values, 95), percentile(values, 99))
+    return summaries
+
+
+def store_path(state_dir: Path, digest: str, backend: str, threads: int | None) -> Path:
+    return state_dir / "bench" / f"{digest[:16]}-{backend}-t{threads or 0}.json"
+
+
+def load_bench(path: Path) -> dict[str, LatencySummary] | None:
+    try:
+        data = json.loads(path.read_text())
+        return {vid: LatencySummary(**values) for vid, values in data["variants"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: measure again
+
+
+def save_bench(path: Path, results: dict[str, LatencySummary], backend: str, threads: int | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"measured": time.time(), "backend": backend, "threads": threads,
+               "variants": {vid: s.to_dict() for vid, s in results.items()}}
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)
+
+
+def latency_table(results: dict[str, LatencySummary]) -> str:
+    lines = [f"{'variant':<28} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'runs':>6}"]
+    for vid, s in results.items():
+        lines.append(f"{vid:<28} {s.p50:>8.3f} {s.p95:>8.3f} {s.p99:>8.3f} {s.count:>6}")
+    return "\n".join(lines)

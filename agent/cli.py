@@ -1,0 +1,115 @@
+"""edgeshift-agent: run the agent, check a portfolio on this device, benchmark its variants here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from agent.backends import BackendError, get_backend
+from agent.config import ConfigError, load_config
+from agent.portfolio import Portfolio, PortfolioError
+from agent.profiles import ProfileError, load_profile
+from agent.runtime import Runtime, health_check
+
+_BAD_INPUT = (ConfigError, PortfolioError, ProfileError, BackendError, KeyError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    try:
+        return args.run(args)
+    except _BAD_INPUT as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"edgeshift-agent: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    from agent.daemon import run_daemon
+
+    run_daemon(load_config(args.config))
+    return 0
+
+
+def _check(args) -> int:
+    """Verify the portfolio, then health-check every variant against samples.npz on this device."""
+    if args.public_key:
+        from agent.signing import verify_manifest_signature
+        verify_manifest_signature(args.dir, args.public_key)
+    portfolio = Portfolio.open(args.dir)
+    backend = get_backend(args.backend or load_profile(args.device).backend)
+    samples = portfolio.samples()
+    runtime = Runtime(portfolio, backend, args.threads, preload="lazy")
+    print(f"{portfolio.manifest.name}: manifest, checksums and paths verified"
+          f"{', signature verified' if args.public_key else ''}; health checks on {backend.name}:")
+    failed = 0
+    for variant in portfolio.manifest.variants:
+        problem = health_check(runtime, variant, samples.inputs, samples.expected[variant.id])
+        failed += problem is not None
+        print(f"  {variant.id:<28} {'FAILED: ' + problem if problem else 'ok'}")
+    if failed:
+        print(f"edgeshift-agent: {failed} variant(s) failed their health check and would not serve", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench(args) -> int:
+    from agent.bench import bench_sessions, latency_table, save_bench, store_path
+
+    portfolio = Portfolio.open(args.dir)
+    profile = load_profile(args.device)
+    backend = get_backend(args.backend or profile.backend)
+    threads = args.threads or profile.threads
+    runtime = Runtime(portfolio, backend, threads, preload="lazy")
+    sessions = {v.id: runtime.open_session(v.id) for v in portfolio.manifest.variants}
+    sample = [x[:args.batch] for x in portfolio.samples().inputs]
+    try:
+        results = bench_sessions(sessions, sample, runs=args.runs)
+    finally:
+        for session in sessions.values():
+            session.close()
+    print(f"{portfolio.manifest.name} on {backend.name}, {threads} threads, batch {args.batch}, {args.runs} runs each "
+          f"(interleaved)")
+    print(latency_table(results))
+    if args.state_dir:
+        path = store_path(args.state_dir, portfolio.digest, backend.name, threads)
+        save_bench(path, results, backend.name, threads)
+        print(f"stored in {path}: the agent's policy uses these numbers")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeshift-agent", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve a portfolio and steer between its variants")
+    run.add_argument("--config", type=Path, required=True, help="agent.toml")
+    run.set_defaults(run=_run)
+
+    def device_options(p):
+        p.add_argument("dir", type=Path, help="portfolio directory")
+        p.add_argument("--device", default="x86", help="device profile name or file (default x86)")
+        p.add_argument("--backend", help="onnxruntime or tflite (default: the profile's)")
+        p.add_argument("--threads", type=int, help="inference threads (default: the profile's)")
+
+    check = commands.add_parser("check", help="verify a portfolio and health-check every variant here")
+    device_options(check)
+    check.add_argument("--public-key", type=Path, help="require a valid manifest.sig from this ed25519 key")
+    check.set_defaults(run=_check)
+
+    bench = commands.add_parser("bench", help="per-variant latency on this device (p50/p95/p99)")
+    device_options(bench)
+    bench.add_argument("--runs", type=int, default=100)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--state-dir", type=Path, help="store the results where the agent reads them")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

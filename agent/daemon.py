@@ -1,0 +1,108 @@
+"""`edgeshift-agent run`: the long-running process (HTTP front, policy loop, systemd integration)."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from agent.config import AgentConfig, parse_listen
+from agent.http_api import InferenceServer
+from agent.policy import PolicySettings
+from agent.portfolio import Portfolio
+from agent.profiles import load_profile
+from agent.sdnotify import Notifier, watchdog_interval_s
+from agent.service import Agent, Event
+from agent.signing import verify_manifest_signature
+
+log = logging.getLogger("edgeshift.daemon")
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    """Everything the config names, verified: profile, portfolio (and signature), policy."""
+    profile = load_profile(config.device)
+    if config.public_key is not None:
+        verify_manifest_signature(Path(config.portfolio), config.public_key)
+    portfolio = Portfolio.open(config.portfolio)
+    p = config.policy
+    settings = PolicySettings(latency_slo_ms=p.latency_slo_ms or profile.latency_slo_ms,
+                              memory_budget_mb=p.memory_budget_mb or profile.memory_budget_mb,
+                              cooldown_s=p.cooldown_s, headroom=p.headroom, pin=p.pin)
+    return Agent(portfolio, profile, settings, backend=config.backend, threads=config.threads,
+                 preload=config.preload, state_dir=config.state_dir, max_batch=config.max_batch)
+
+
+class Daemon:
+    """Runs an Agent until stopped: policy rounds, HTTP, sd_notify READY / STATUS / WATCHDOG."""
+
+    def __init__(self, agent: Agent, config: AgentConfig, notifier: Notifier | None = None):
+        self.agent = agent
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self.server: InferenceServer | None = None
+        agent.listeners.append(self._on_event)
+
+    def start(self) -> None:
+        self.agent.start()
+        if self.config.http.listen:
+            host, port = parse_listen(self.config.http.listen)
+            self.server = InferenceServer(self.agent, host, port, int(self.config.http.max_body_mb * 2**20)).start()
+            log.info("serving %s on http://%s:%d", self.agent.name, self.server.host, self.server.port)
+        self.notifier.ready(self._status_line())
+
+    def run(self) -> None:
+        """Policy rounds until stop(); the watchdog is fed only while inference makes progress."""
+        interval = self.config.policy.interval_s
+        watchdog = watchdog_interval_s()
+        while not self.stop_event.wait(interval):
+            try:
+                self.agent.step()
+            except Exception:  # one bad round (a sensor, a failed switch) must not end the agent
+                log.exception("policy round failed")
+            if watchdog is not None and self._inference_alive(max(watchdog, interval)):
+                self.notifier.watchdog()
+
+    def stop(self, *_: object) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        if self.server is not None:
+            self.server.stop()
+        self.agent.close()
+
+    def _inference_alive(self, window_s: float) -> bool:
+        """Progress means a request finished recently; when idle, a canary request must finish now."""
+        if self.agent.made_progress_within(window_s):
+            return True
+        try:
+            sample = self.agent.portfolio.samples().inputs
+            self.agent.infer([x[:1] for x in sample])
+            return True
+        except Exception:
+            log.exception("canary inference failed; withholding the watchdog")
+            return False
+
+    def _on_event(self, event: Event) -> None:
+        if event.type in ("switch", "start", "policy"):
+            self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        decision = self.agent.last_decision
+        why = decision.reason if decision else "starting"
+        return f"serving {self.agent.active} ({why})" if self.agent.runtime else "starting"
+
+
+def run_daemon(config: AgentConfig) -> None:
+    daemon = Daemon(build_agent(config), config)
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+    started = time.monotonic()
+    daemon.start()
+    log.info("ready in %.1f s", time.monotonic() - started)
+    try:
+        daemon.run()
+    finally:
+        daemon.shutdown()

@@ -1,0 +1,243 @@
+"""The Agent: a verified portfolio served through one backend, steered by the policy, observable."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.backends import BackendError, get_backend
+from agent.bench import bench_sessions, load_bench, save_bench, store_path
+from agent.monitor import ResourceMonitor, Snapshot, thermal_state
+from agent.policy import Candidate, Decision, Observation, Policy, PolicySettings
+from agent.portfolio import Portfolio, PortfolioError
+from agent.profiles import DeviceProfile
+from agent.runtime import InferResult, Runtime, health_check, memory_estimate_mb
+from agent.stats import LatencySummary
+
+log = logging.getLogger("edgeshift.agent")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str                   # switch, policy, error, health, ...
+    reason: str
+    details: dict = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return {"ts": self.ts, "type": self.type, "reason": self.reason, **self.details}
+
+
+class Agent:
+    """Load, verify and serve a portfolio; pick the best variant that fits right now.
+
+    `infer` is thread-safe and never fails because of a swap; `step` runs one policy round
+    (the daemon calls it every interval; tests call it directly with scripted monitors).
+    """
+
+    def __init__(self, portfolio: Portfolio, profile: DeviceProfile, policy: PolicySettings, *,
+                 backend: str | None = None, threads: int | None = None, preload: str = "all",
+                 state_dir: Path | None = None, monitor: ResourceMonitor | None = None, max_batch: int = 64,
+                 bench_runs: int = 30):
+        self.portfolio = portfolio
+        self.manifest = portfolio.manifest
+        self.name = self.manifest.name
+        self.profile = profile
+        self.backend = get_backend(backend or profile.backend)
+        self.threads = min(threads or profile.threads, _usable_cpus())  # power modes can take cores offline
+        self.preload = preload
+        self.state_dir = state_dir
+        self.monitor = monitor or ResourceMonitor(profile)
+        self.max_batch = max_batch
+        self.bench_runs = bench_runs
+        self.policy_settings = policy
+        self.events: deque[Event] = deque(maxlen=512)
+        self.listeners: list[Callable[[Event], None]] = []
+        self.ready = False
+        self.unhealthy: dict[str, str] = {}
+        self.bench: dict[str, LatencySummary] = {}
+        self.last_decision: Decision | None = None
+        self.last_snapshot: Snapshot | None = None
+        self.runtime: Runtime | None = None
+        self.policy: Policy | None = None
+        self._progress_at = time.monotonic()
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        """Health-check every variant, measure the healthy ones, load the first active one."""
+        samples = self.portfolio.samples()
+        probe = Runtime(self.portfolio, self.backend, self.threads, preload="lazy", max_batch=self.max_batch)
+        for variant in self.manifest.variants:
+            problem = health_check(probe, variant, samples.inputs, samples.expected[variant.id])
+            if problem:
+                self.unhealthy[variant.id] = problem
+                self._emit(Event("health", f"{variant.id} will not serve: {problem}", {"variant": variant.id}))
+        healthy = [v.id for v in self.manifest.variants if v.id not in self.unhealthy]
+        if not healthy:
+            raise PortfolioError(f"{self.portfolio.root}: no variant passed its health check "
+                                 f"({'; '.join(f'{k}: {v}' for k, v in self.unhealthy.items())})")
+
+        self.bench = self._measure(healthy, [x[:1] for x in samples.inputs])
+        candidates = [Candidate(vid, _quality(self.manifest.variant(vid).metrics), self.bench[vid].p95,
+                                memory_estimate_mb(self.manifest.variant(vid), self.backend.file_format))
+                      for vid in healthy]
+        self.policy = Policy(candidates, self.policy_settings)
+        order = [c.id for c in self.policy.candidates]  # most accurate first: neighbours are quality neighbours
+        self.runtime = Runtime(self.portfolio, self.backend, self.threads, self.preload, self.max_batch, order)
+        first = self._initial_variant(order)
+        self.runtime.start(first)
+        self.runtime.infer([x[:1] for x in samples.inputs])  # warm the first request's path
+        self.ready = True
+        self._emit(Event("start", f"serving {first} with {self.backend.name} ({self.threads} threads)",
+                         {"active": first, "variants": order, "unhealthy": self.unhealthy}))
+
+    def _measure(self, variant_ids: list[str], sample: list[np.ndarray]) -> dict[str, LatencySummary]:
+        path = store_path(self.state_dir, self.portfolio.digest, self.backend.name, self.threads) if self.state_dir else None
+        stored = load_bench(path) if path else None
+        if stored and all(vid in stored for vid in variant_ids):
+            return {vid: stored[vid] for vid in variant_ids}
+        probe = Runtime(self.portfolio, self.backend, self.threads, preload="lazy")
+        sessions = {vid: probe.open_session(vid) for vid in variant_ids}
+        try:
+            results = bench_sessions(sessions, sample, runs=self.bench_runs)
+        finally:
+            for session in sessions.values():
+                session.close()
+        if path:
+            save_bench(path, results, self.backend.name, self.threads)
+        return results
+
+    def _initial_variant(self, order: list[str]) -> str:
+        """The last active variant (across restarts) if still healthy, else the pin, else the policy's first pick."""
+        remembered = self._load_state().get("active")
+        if self.policy_settings.pin in order:
+            return self.policy_settings.pin
+        if remembered in order:
+            return remembered
+        default = self.manifest.default_variant
+        return self.policy.decide(Observation(time.monotonic(), default if default in order else order[0],
+                                              LatencySummary(0, None, None, None))).variant
+
+    # ------------------------------------------------------------------ serving
+
+    def infer(self, batch: np.ndarray | list[np.ndarray]) -> InferResult:
+        result = self._runtime().infer(batch)
+        self._progress_at = time.monotonic()
+        return result
+
+    @property
+    def active(self) -> str:
+        return self._runtime().active
+
+    def made_progress_within(self, seconds: float) -> bool:
+        return time.monotonic() - self._progress_at <= seconds
+
+    # ------------------------------------------------------------------ steering
+
+    def step(self) -> Decision:
+        """One policy round: read resources, decide, swap if needed, record why."""
+        runtime, policy = self._runtime(), self.policy
+        snapshot = self.monitor.snapshot()
+        self.last_snapshot = snapshot
+        live = runtime.windows[runtime.active].summary(since=runtime.activated_at)
+        obs = Observation(time.monotonic(), runtime.active, live,
+                          thermal_state(snapshot.temperature_c, self.profile.thermal), snapshot.temperature_c,
+                          snapshot.mem_available_mb)
+        decision = policy.decide(obs)
+        if decision.changed:
+            self.switch(decision.variant, decision.reason, kind=decision.kind)
+        self.last_decision = decision
+        return decision
+
+    def switch(self, variant_id: str, reason: str, kind: str = "manual") -> None:
+        runtime = self._runtime()
+        try:
+            record = runtime.switch(variant_id, reason)
+        except (BackendError, KeyError, OSError) as error:
+            self._emit(Event("error", f"switch to {variant_id} failed: {error}; still serving {runtime.active}",
+                             {"variant": variant_id}))
+            raise
+        self.policy.note_switch(time.monotonic())
+        self._save_state()
+        self._emit(Event("switch", reason, {"from": record.previous, "to": record.active, "kind": kind,
+                                            "switch_ms": round(record.seconds * 1000, 3)}))
+
+    def pin(self, variant_id: str | None, reason: str = "operator") -> None:
+        self.policy.pin(variant_id)
+        self._emit(Event("policy", f"{'pinned to ' + variant_id if variant_id else 'unpinned'} ({reason})",
+                         {"pin": variant_id}))
+        if variant_id is not None and variant_id != self.active:
+            self.switch(variant_id, f"pinned by {reason}", kind="pin")
+
+    def status(self) -> dict:
+        decision = self.last_decision
+        return {"name": self.name, "ready": self.ready, "active": self.active if self.runtime else None,
+                "reason": decision.reason if decision else None, "backend": self.backend.name,
+                "threads": self.threads, "preload": self.preload, "resident": self.runtime.resident() if self.runtime else [],
+                "variants": [c.id for c in self.policy.candidates] if self.policy else [],
+                "unhealthy": self.unhealthy, "pin": self.policy.settings.pin if self.policy else None}
+
+    def close(self) -> None:
+        self.ready = False
+        if self.runtime is not None:
+            self.runtime.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError("the agent has not been started")
+        return self.runtime
+
+    def _emit(self, event: Event) -> None:
+        self.events.append(event)
+        log.info("%s: %s", event.type, event.reason)
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must never stop serving
+                log.exception("event listener failed")
+
+    def _state_file(self) -> Path | None:
+        return self.state_dir / "agent-state.json" if self.state_dir else None
+
+    def _load_state(self) -> dict:
+        path = self._state_file()
+        try:
+            state = json.loads(path.read_text()) if path else {}
+        except (OSError, ValueError):
+            return {}
+        return state if state.get("portfolio") == self.portfolio.digest else {}
+
+    def _save_state(self) -> None:
+        path = self._state_file()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"portfolio": self.portfolio.digest, "active": self.active}))
+        os.replace(partial, path)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _quality(metrics: dict) -> float:
+    if "accuracy" in metrics:
+        return float(metrics["accuracy"])
+    if "perplexity" in metrics:
+        return -float(metrics["perplexity"])
+    return 0.0

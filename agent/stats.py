@@ -1,0 +1,59 @@
+"""Sliding-window latency statistics per variant, fed by live traffic."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    count: int           # requests in the window
+    p50: float | None    # milliseconds
+    p95: float | None
+    p99: float | None
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "p50": self.p50, "p95": self.p95, "p99": self.p99}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    rank = math.ceil(q / 100 * len(sorted_values))
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
+
+
+class LatencyWindow:
+    """The latencies of the last `horizon_s` seconds (at most `max_samples`), thread-safe."""
+
+    def __init__(self, horizon_s: float = 10.0, max_samples: int = 2048):
+        self.horizon_s = horizon_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._lock = threading.Lock()
+        self.total = 0
+        self.errors = 0
+
+    def add(self, latency_ms: float, now: float | None = None) -> None:
+        with self._lock:
+            self._samples.append((time.monotonic() if now is None else now, latency_ms))
+            self.total += 1
+
+    def add_error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._samples.clear()
+
+    def summary(self, now: float | None = None, since: float | None = None) -> LatencySummary:
+        """Percentiles over the window; `since` (monotonic time) drops older samples, e.g. before a switch."""
+        now = time.monotonic() if now is None else now
+        oldest = now - self.horizon_s if since is None else max(now - self.horizon_s, since)
+        with self._lock:
+            values = sorted(ms for t, ms in self._samples if t >= oldest)
+        if not values:
+            return LatencySummary(0, None, None, None)
+        return LatencySummary(len(values), percentile(values, 50), percentile(values, 95), percentile(values, 99))

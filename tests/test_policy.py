@@ -1,0 +1,127 @@
+"""The policy on scripted resource traces: step down at once, step up after a cooldown, never flap."""
+import pytest
+
+from agent.policy import Candidate, Observation, Policy, PolicySettings
+from agent.stats import LatencySummary, LatencyWindow
+
+# A portfolio as the exporter makes it: the dense model, a structured twin of each sparse level.
+PORTFOLIO = [
+    Candidate("dense", quality=0.980, bench_p95_ms=20.0, memory_mb=40),
+    Candidate("imp-l03-sparse", quality=0.982, bench_p95_ms=20.0, memory_mb=40),
+    Candidate("imp-l03-structured", quality=0.982, bench_p95_ms=16.0, memory_mb=30),
+    Candidate("imp-l09-structured", quality=0.960, bench_p95_ms=8.0, memory_mb=12),
+    Candidate("imp-l15-structured", quality=0.900, bench_p95_ms=3.0, memory_mb=4),
+]
+
+
+def live(p95: float | None, count: int = 100) -> LatencySummary:
+    return LatencySummary(count if p95 is not None else 0, p95, p95, p95)
+
+
+def observe(now: float, active: str, p95: float | None = None, **kwargs) -> Observation:
+    return Observation(now=now, active=active, live=live(p95), **kwargs)
+
+
+def run_trace(policy: Policy, trace: list[tuple[float, float | None, dict]], start: str) -> list[tuple[str, str]]:
+    """Feed (time, live p95, extra observation fields) rounds; return each (active variant, decision kind)."""
+    active, seen = start, []
+    for now, p95, extra in trace:
+        decision = policy.decide(observe(now, active, p95, **extra))
+        if decision.changed:
+            policy.note_switch(now)
+            active = decision.variant
+        seen.append((active, decision.kind))
+    return seen
+
+
+def test_picks_the_most_accurate_variant_that_meets_the_slo_and_prefers_the_structured_twin():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=50))
+    assert policy.candidates[0].id == "imp-l03-structured"
+    decision = policy.decide(observe(0, "dense"))
+    assert decision.variant == "imp-l03-structured" and decision.kind == "step-up"
+
+
+def test_violation_steps_down_at_once_to_what_fits_under_the_measured_slowdown():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25))
+    # CPU contention: the active variant (bench 16 ms) now runs at 40 ms, 2.5x slower.
+    decision = policy.decide(observe(100, "imp-l03-structured", p95=40.0))
+    assert decision.kind == "step-down"
+    assert decision.variant == "imp-l09-structured"  # 8 ms * 2.5 = 20 ms <= 25 ms
+    assert "p95 40.0 ms > SLO 25.0 ms" in decision.reason
+
+
+def test_too_few_samples_are_not_evidence_of_a_violation():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, min_samples=20))
+    decision = policy.decide(Observation(100, "imp-l03-structured", LatencySummary(5, 40.0, 40.0, 40.0)))
+    assert decision.kind == "hold"
+
+
+def test_step_up_waits_for_the_cooldown_and_needs_headroom():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, cooldown_s=30, headroom=0.7))
+    trace = [
+        (0, 40.0, {}),    # contention: step down
+        (5, 8.0, {}),     # contention gone, but the cooldown has not passed
+        (20, 8.0, {}),
+        (31, 8.0, {}),    # cooldown over: 16 ms fits under 70% of 25 ms? no (17.5 >= 16 yes) -> step up
+        (40, 16.0, {}),
+    ]
+    seen = run_trace(policy, trace, start="imp-l03-structured")
+    assert seen == [("imp-l09-structured", "step-down"), ("imp-l09-structured", "hold"),
+                    ("imp-l09-structured", "hold"), ("imp-l03-structured", "step-up"),
+                    ("imp-l03-structured", "hold")]
+
+
+def test_oscillating_load_does_not_flap():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, cooldown_s=30))
+    # Load comes and goes every 2 s for a minute: one step down, then at most one step up per cooldown.
+    trace = [(t, 40.0 if (t // 2) % 2 == 0 else 14.0, {}) for t in range(0, 60)]
+    switches = sum(kind in ("step-down", "step-up") for _, kind in run_trace(policy, trace, "imp-l03-structured"))
+    assert switches <= 4
+
+
+def test_warm_and_throttling_board_tightens_the_slo():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=20))
+    ok = policy.decide(observe(0, "imp-l03-structured", thermal="ok", temperature_c=55.0))
+    throttling = policy.decide(observe(0, "imp-l03-structured", thermal="throttle", temperature_c=82.0))
+    assert ok.kind == "hold"
+    assert throttling.kind == "step-down" and throttling.variant == "imp-l09-structured"
+    assert "throttle 82.0 °C" in throttling.reason
+
+
+def test_critical_temperature_takes_the_fastest_variant():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=50))
+    decision = policy.decide(observe(0, "dense", thermal="critical", temperature_c=86.0))
+    assert decision.variant == "imp-l15-structured" and decision.kind == "thermal"
+
+
+def test_memory_budget_and_free_memory_rule_out_large_variants():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=50, memory_budget_mb=20))
+    assert policy.decide(observe(0, "imp-l09-structured")).kind == "hold"
+    assert policy.decide(observe(0, "dense")).variant == "imp-l09-structured"
+    squeezed = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=50))
+    assert squeezed.decide(observe(0, "imp-l15-structured", mem_available_mb=10)).variant == "imp-l15-structured"
+
+
+def test_pin_overrides_everything_until_unpinned():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25))
+    policy.pin("dense")
+    pinned = policy.decide(observe(0, "imp-l03-structured", p95=400.0, thermal="critical"))
+    assert pinned.variant == "dense" and pinned.kind == "pin" and "operator" in pinned.reason
+    policy.pin(None)
+    assert policy.decide(observe(100, "dense", p95=400.0)).kind == "step-down"
+
+
+def test_pinning_an_unknown_variant_is_refused():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25))
+    with pytest.raises(KeyError, match="unknown variant 'nope'"):
+        policy.pin("nope")
+
+
+def test_latency_window_percentiles_and_horizon():
+    window = LatencyWindow(horizon_s=10)
+    for i in range(100):
+        window.add(float(i + 1), now=1000.0 + i * 0.01)
+    summary = window.summary(now=1001.0)
+    assert (summary.count, summary.p50, summary.p95, summary.p99) == (100, 50.0, 95.0, 99.0)
+    assert window.summary(now=1020.0).count == 0
+    assert window.summary(now=1001.0, since=1000.5).count == 50
