@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
