@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/edgeshift-export portfolio --out $(PORTFOLIO) --force
+	test -f $(PORTFOLIO)/manifest.json || $(VENV)/bin/edgeshift-export portfolio --out $(PORTFOLIO) --force
 	$(VENV)/bin/edgeshift-export inspect $(PORTFOLIO)
+	$(VENV)/bin/edgeshift-agent --log-level warning demo $(PORTFOLIO)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

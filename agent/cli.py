@@ -82,6 +82,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from agent.demo import run_demo
+
+    run_demo(args.dir, device=args.device, rate_hz=args.rate, calm_s=args.calm, stress_s=args.stress,
+             after_s=args.after)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeshift-agent", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -108,6 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--state-dir", type=Path, help="store the results where the agent reads them")
     bench.set_defaults(run=_bench)
+
+    demo = commands.add_parser("demo", help="replay samples, apply CPU stress, watch the agent switch")
+    demo.add_argument("dir", type=Path, help="portfolio directory")
+    demo.add_argument("--device", default="x86")
+    demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    demo.add_argument("--calm", type=float, default=15.0, help="seconds before the stress")
+    demo.add_argument("--stress", type=float, default=30.0, help="seconds of CPU stress on every core")
+    demo.add_argument("--after", type=float, default=25.0, help="seconds after the stress")
+    demo.set_defaults(run=_demo)
     return parser
 
 
