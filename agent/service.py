@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,16 @@ class Event:
 
     def to_dict(self) -> dict:
         return {"ts": self.ts, "type": self.type, "reason": self.reason, **self.details}
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """Everything tied to one portfolio, prepared before it replaces the current one."""
+    portfolio: Portfolio
+    runtime: Runtime
+    policy: Policy
+    bench: dict[str, LatencySummary]
+    unhealthy: dict[str, str]
 
 
 class Agent:
@@ -68,43 +79,72 @@ class Agent:
         self.runtime: Runtime | None = None
         self.policy: Policy | None = None
         self._progress_at = time.monotonic()
+        self._steering = threading.RLock()  # policy rounds, switches and portfolio swaps, one at a time
 
     # ------------------------------------------------------------------ start-up
 
     def start(self) -> None:
         """Health-check every variant, measure the healthy ones, load the first active one."""
-        samples = self.portfolio.samples()
-        probe = Runtime(self.portfolio, self.backend, self.threads, preload="lazy", max_batch=self.max_batch)
-        for variant in self.manifest.variants:
+        with self._steering:
+            self._adopt(self._prepare(self.portfolio))
+        self.ready = True
+        self._emit(Event("start", f"serving {self.active} with {self.backend.name} ({self.threads} threads)",
+                         {"active": self.active, "variants": self.runtime.variant_ids, "unhealthy": self.unhealthy}))
+
+    def replace_portfolio(self, portfolio: Portfolio, reason: str) -> None:
+        """Serve another portfolio (a deploy or a rollback); on any failure keep serving the current one."""
+        previous = self.portfolio.manifest.name
+        with self._steering:
+            serving = self._prepare(portfolio)  # raises before anything changes
+            old = self.runtime
+            self._adopt(serving)
+        old.close()  # retires its variants; requests in flight on them finish first
+        self._emit(Event("deploy", reason, {"from": previous, "to": portfolio.manifest.name,
+                                            "digest": portfolio.digest, "active": self.active}))
+
+    def _prepare(self, portfolio: Portfolio) -> _Serving:
+        samples = portfolio.samples()
+        probe = Runtime(portfolio, self.backend, self.threads, preload="lazy", max_batch=self.max_batch)
+        unhealthy = {}
+        for variant in portfolio.manifest.variants:
             problem = health_check(probe, variant, samples.inputs, samples.expected[variant.id])
             if problem:
-                self.unhealthy[variant.id] = problem
+                unhealthy[variant.id] = problem
                 self._emit(Event("health", f"{variant.id} will not serve: {problem}", {"variant": variant.id}))
-        healthy = [v.id for v in self.manifest.variants if v.id not in self.unhealthy]
+        healthy = [v.id for v in portfolio.manifest.variants if v.id not in unhealthy]
         if not healthy:
-            raise PortfolioError(f"{self.portfolio.root}: no variant passed its health check "
-                                 f"({'; '.join(f'{k}: {v}' for k, v in self.unhealthy.items())})")
+            raise PortfolioError(f"{portfolio.root}: no variant passed its health check "
+                                 f"({'; '.join(f'{k}: {v}' for k, v in unhealthy.items())})")
 
-        self.bench = self._measure(healthy, [x[:1] for x in samples.inputs])
-        candidates = [Candidate(vid, _quality(self.manifest.variant(vid).metrics), self.bench[vid].p95,
-                                memory_estimate_mb(self.manifest.variant(vid), self.backend.file_format))
+        bench = self._measure(portfolio, healthy, [x[:1] for x in samples.inputs])
+        candidates = [Candidate(vid, _quality(portfolio.manifest.variant(vid).metrics), bench[vid].p95,
+                                memory_estimate_mb(portfolio.manifest.variant(vid), self.backend.file_format))
                       for vid in healthy]
-        self.policy = Policy(candidates, self.policy_settings)
-        order = [c.id for c in self.policy.candidates]  # most accurate first: neighbours are quality neighbours
-        self.runtime = Runtime(self.portfolio, self.backend, self.threads, self.preload, self.max_batch, order)
-        first = self._initial_variant(order)
-        self.runtime.start(first)
-        self.runtime.infer([x[:1] for x in samples.inputs])  # warm the first request's path
-        self.ready = True
-        self._emit(Event("start", f"serving {first} with {self.backend.name} ({self.threads} threads)",
-                         {"active": first, "variants": order, "unhealthy": self.unhealthy}))
+        settings = self.policy.settings if self.policy is not None else self.policy_settings
+        if settings.pin is not None and settings.pin not in healthy:
+            self._emit(Event("policy", f"unpinned: {settings.pin} is not a healthy variant of {portfolio.manifest.name}",
+                             {"pin": None}))
+            settings = replace(settings, pin=None)
+        policy = Policy(candidates, settings)
+        order = [c.id for c in policy.candidates]  # most accurate first: neighbours are quality neighbours
+        runtime = Runtime(portfolio, self.backend, self.threads, self.preload, self.max_batch, order)
+        runtime.start(self._initial_variant(portfolio, policy, order))
+        runtime.infer([x[:1] for x in samples.inputs])  # warm the first request's path
+        return _Serving(portfolio, runtime, policy, bench, unhealthy)
 
-    def _measure(self, variant_ids: list[str], sample: list[np.ndarray]) -> dict[str, LatencySummary]:
-        path = store_path(self.state_dir, self.portfolio.digest, self.backend.name, self.threads) if self.state_dir else None
+    def _adopt(self, serving: _Serving) -> None:
+        self.portfolio, self.manifest, self.name = serving.portfolio, serving.portfolio.manifest, serving.portfolio.manifest.name
+        self.policy, self.bench, self.unhealthy = serving.policy, serving.bench, serving.unhealthy
+        self.runtime = serving.runtime  # the one reference requests read: the swap
+        self._save_state()
+
+    def _measure(self, portfolio: Portfolio, variant_ids: list[str], sample: list[np.ndarray]
+                 ) -> dict[str, LatencySummary]:
+        path = store_path(self.state_dir, portfolio.digest, self.backend.name, self.threads) if self.state_dir else None
         stored = load_bench(path) if path else None
         if stored and all(vid in stored for vid in variant_ids):
             return {vid: stored[vid] for vid in variant_ids}
-        probe = Runtime(self.portfolio, self.backend, self.threads, preload="lazy")
+        probe = Runtime(portfolio, self.backend, self.threads, preload="lazy")
         sessions = {vid: probe.open_session(vid) for vid in variant_ids}
         try:
             results = bench_sessions(sessions, sample, runs=self.bench_runs)
@@ -115,16 +155,16 @@ class Agent:
             save_bench(path, results, self.backend.name, self.threads)
         return results
 
-    def _initial_variant(self, order: list[str]) -> str:
-        """The last active variant (across restarts) if still healthy, else the pin, else the policy's first pick."""
-        remembered = self._load_state().get("active")
-        if self.policy_settings.pin in order:
-            return self.policy_settings.pin
+    def _initial_variant(self, portfolio: Portfolio, policy: Policy, order: list[str]) -> str:
+        """The pin, else the last active variant (across restarts) if still healthy, else the policy's pick."""
+        remembered = self._load_state(portfolio).get("active")
+        if policy.settings.pin in order:
+            return policy.settings.pin
         if remembered in order:
             return remembered
-        default = self.manifest.default_variant
-        return self.policy.decide(Observation(time.monotonic(), default if default in order else order[0],
-                                              LatencySummary(0, None, None, None))).variant
+        default = portfolio.manifest.default_variant
+        return policy.decide(Observation(time.monotonic(), default if default in order else order[0],
+                                         LatencySummary(0, None, None, None))).variant
 
     # ------------------------------------------------------------------ serving
 
@@ -144,6 +184,10 @@ class Agent:
 
     def step(self) -> Decision:
         """One policy round: read resources, decide, swap if needed, record why."""
+        with self._steering:
+            return self._step()
+
+    def _step(self) -> Decision:
         runtime, policy = self._runtime(), self.policy
         snapshot = self.monitor.snapshot()
         self.last_snapshot = snapshot
@@ -153,11 +197,15 @@ class Agent:
                           snapshot.mem_available_mb)
         decision = policy.decide(obs)
         if decision.changed:
-            self.switch(decision.variant, decision.reason, kind=decision.kind)
+            self._switch(decision.variant, decision.reason, kind=decision.kind)
         self.last_decision = decision
         return decision
 
     def switch(self, variant_id: str, reason: str, kind: str = "manual") -> None:
+        with self._steering:
+            self._switch(variant_id, reason, kind)
+
+    def _switch(self, variant_id: str, reason: str, kind: str) -> None:
         runtime = self._runtime()
         try:
             record = runtime.switch(variant_id, reason)
@@ -209,13 +257,13 @@ class Agent:
     def _state_file(self) -> Path | None:
         return self.state_dir / "agent-state.json" if self.state_dir else None
 
-    def _load_state(self) -> dict:
+    def _load_state(self, portfolio: Portfolio) -> dict:
         path = self._state_file()
         try:
             state = json.loads(path.read_text()) if path else {}
         except (OSError, ValueError):
             return {}
-        return state if state.get("portfolio") == self.portfolio.digest else {}
+        return state if state.get("portfolio") == portfolio.digest else {}
 
     def _save_state(self) -> None:
         path = self._state_file()

@@ -120,3 +120,60 @@ def test_bad_inputs_are_refused_and_serving_goes_on(small_portfolio):
             agent.infer(bad)
     assert agent.infer(x[:1]).outputs[0].shape == (1, 10)
     agent.close()
+
+
+def renamed_copy(portfolio_dir, tmp_path, name: str):
+    """The same variants under another portfolio name: a different manifest, hence another digest."""
+    import shutil
+
+    copy = shutil.copytree(portfolio_dir, tmp_path / name)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_replacing_the_portfolio_under_load_drops_nothing(small_portfolio, tmp_path):
+    agent = agent_for(small_portfolio, "all")
+    x = agent.portfolio.samples().inputs[0][:1]
+    stop, failures, served = threading.Event(), [], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                served.append(agent.infer(x).variant)
+            except Exception as error:
+                failures.append(repr(error))
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(0.2)
+        agent.replace_portfolio(Portfolio.open(renamed_copy(small_portfolio, tmp_path, "second")), "deploy test")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=30)
+    assert failures == [] and len(served) > 10
+    assert agent.name == "second" and agent.events[-1].type == "deploy"
+    agent.close()
+
+
+def test_a_portfolio_that_fails_its_health_checks_is_refused_and_serving_goes_on(small_portfolio, tmp_path):
+    from agent.portfolio import PortfolioError
+
+    agent = agent_for(small_portfolio, "all")
+    broken = renamed_copy(small_portfolio, tmp_path, "broken")
+    samples = dict(np.load(broken / "samples.npz"))
+    for key in samples:
+        if key.startswith("y_"):
+            samples[key] = samples[key] + 1.0  # no variant can reproduce these
+    np.savez(broken / "samples.npz", **samples)
+
+    with pytest.raises(PortfolioError, match="no variant passed its health check"):
+        agent.replace_portfolio(Portfolio.open(broken), "deploy test")
+    assert agent.name != "broken"
+    assert agent.infer(agent.portfolio.samples().inputs[0][:1]).outputs[0].shape == (1, 10)
+    agent.close()
