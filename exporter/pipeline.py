@@ -1,10 +1,11 @@
 """From a model and its data to a verified portfolio directory (DNNShifter: IMP, then the structured step)."""
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -153,7 +154,7 @@ def _export_all(root: Path, name: str, data: Dataset, built: list[BuiltVariant],
         variants=[b.variant for b in built], default_variant=built[0].variant.id,
         labels=list(data.labels), preprocessing=Preprocessing(**data.preprocessing),
         exporter={**exporter_versions(), "method": "dnnshifter", "model": spec.model, "width": str(spec.width),
-                  "train": str(spec.train.to_dict()), "imp": str(spec.imp.__dict__)},
+                  "train": json.dumps(spec.train.to_dict()), "imp": json.dumps(asdict(spec.imp))},
     )
     write_manifest(root, manifest)
     write_report(root, manifest)
