@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from agent.config import AgentConfig, parse_listen
+from agent.fleet.deploy import PortfolioStore
+from agent.fleet.member import FleetMember
 from agent.http_api import InferenceServer
 from agent.policy import PolicySettings
 from agent.portfolio import Portfolio
@@ -19,12 +21,13 @@ from agent.signing import verify_manifest_signature
 log = logging.getLogger("edgeshift.daemon")
 
 
-def build_agent(config: AgentConfig) -> Agent:
+def build_agent(config: AgentConfig, portfolio_dir: Path | None = None) -> Agent:
     """Everything the config names, verified: profile, portfolio (and signature), policy."""
     profile = load_profile(config.device)
+    portfolio_dir = Path(portfolio_dir or config.portfolio)
     if config.public_key is not None:
-        verify_manifest_signature(Path(config.portfolio), config.public_key)
-    portfolio = Portfolio.open(config.portfolio)
+        verify_manifest_signature(portfolio_dir, config.public_key)
+    portfolio = Portfolio.open(portfolio_dir)
     p = config.policy
     settings = PolicySettings(latency_slo_ms=p.latency_slo_ms or profile.latency_slo_ms,
                               memory_budget_mb=p.memory_budget_mb or profile.memory_budget_mb,
@@ -36,12 +39,15 @@ def build_agent(config: AgentConfig) -> Agent:
 class Daemon:
     """Runs an Agent until stopped: policy rounds, HTTP, sd_notify READY / STATUS / WATCHDOG."""
 
-    def __init__(self, agent: Agent, config: AgentConfig, notifier: Notifier | None = None):
+    def __init__(self, agent: Agent, config: AgentConfig, notifier: Notifier | None = None,
+                 store: PortfolioStore | None = None):
         self.agent = agent
         self.config = config
         self.notifier = notifier or Notifier()
+        self.store = store
         self.stop_event = threading.Event()
         self.server: InferenceServer | None = None
+        self.member: FleetMember | None = None
         agent.listeners.append(self._on_event)
 
     def start(self) -> None:
@@ -50,6 +56,10 @@ class Daemon:
             host, port = parse_listen(self.config.http.listen)
             self.server = InferenceServer(self.agent, host, port, int(self.config.http.max_body_mb * 2**20)).start()
             log.info("serving %s on http://%s:%d", self.agent.name, self.server.host, self.server.port)
+        if self.config.mqtt is not None:
+            store = self.store or PortfolioStore(self.config.state_dir, public_key=self.config.public_key)
+            self.member = FleetMember(self.agent, self.config.mqtt, self.config.state_dir, store)
+            self.member.start()
         self.notifier.ready(self._status_line())
 
     def run(self) -> None:
@@ -69,6 +79,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.notifier.stopping()
+        if self.member is not None:
+            self.member.stop()  # publishes the graceful offline before disconnecting
         if self.server is not None:
             self.server.stop()
         self.agent.close()
@@ -96,7 +108,13 @@ class Daemon:
 
 
 def run_daemon(config: AgentConfig) -> None:
-    daemon = Daemon(build_agent(config), config)
+    store, portfolio_dir = None, Path(config.portfolio)
+    if config.mqtt is not None:  # a fleet member serves the store's `current`, which deploys move
+        store = PortfolioStore(config.state_dir, public_key=config.public_key)
+        if store.current() is None:
+            store.install_initial(portfolio_dir)
+        portfolio_dir = store.current()
+    daemon = Daemon(build_agent(config, portfolio_dir), config, store=store)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     started = time.monotonic()

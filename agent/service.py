@@ -225,6 +225,10 @@ class Agent:
         if variant_id is not None and variant_id != self.active:
             self.switch(variant_id, f"pinned by {reason}", kind="pin")
 
+    def emit(self, event_type: str, reason: str, **details) -> None:
+        """Record an event (listeners such as the fleet link publish it)."""
+        self._emit(Event(event_type, reason, details))
+
     def status(self) -> dict:
         decision = self.last_decision
         return {"name": self.name, "ready": self.ready, "active": self.active if self.runtime else None,
