@@ -39,7 +39,7 @@ def _common(directory: Path) -> str:
     # Run as root (CI containers), mosquitto would switch to the "mosquitto" user, who cannot read tmp.
     return (f"user {getpass.getuser()}\n"
             f"persistence true\npersistence_location {directory}/\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_dest stderr\n")
+            "set_tcp_nodelay true\nlog_type error\nlog_type warning\nlog_type notice\nlog_dest stderr\n")
 
 
 def plain_config(port: int, directory: Path) -> str:

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.fleet.transport import no_delay
 from agent import __version__
 from agent.backends import available_backends
 from agent.config import ConfigError, MqttConfig
@@ -256,6 +257,7 @@ class FleetLink:
                 raise ConfigError(f"mqtt: the TLS files cannot be used: {error}") from None
         client.reconnect_delay_set(*self.reconnect_delay_s)
         client.on_pre_connect = self._on_pre_connect
+        client.on_socket_open = no_delay
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect

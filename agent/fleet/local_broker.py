@@ -70,7 +70,7 @@ class LocalBroker:
     def _start_mosquitto(self) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix="edgeshift-broker-")
         config = Path(self._directory.name) / "mosquitto.conf"
-        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
         self._process = subprocess.Popen([_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
 
@@ -86,6 +86,10 @@ class LocalBroker:
             loop.run_until_complete(broker.start())
             loop.run_forever()
             loop.run_until_complete(broker.shutdown())
+            leftovers = asyncio.all_tasks(loop)  # amqtt's per-client tasks: end them before the loop goes
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             loop.close()
 
         self._loop = loop
