@@ -86,7 +86,7 @@ def _demo(args) -> int:
     from agent.demo import run_demo
 
     run_demo(args.dir, device=args.device, rate_hz=args.rate, calm_s=args.calm, stress_s=args.stress,
-             after_s=args.after)
+             after_s=args.after, fleet=not args.no_fleet)
     return 0
 
 
@@ -124,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--calm", type=float, default=15.0, help="seconds before the stress")
     demo.add_argument("--stress", type=float, default=30.0, help="seconds of CPU stress on every core")
     demo.add_argument("--after", type=float, default=25.0, help="seconds after the stress")
+    demo.add_argument("--no-fleet", action="store_true", help="no local broker, fleet watch table or deploy")
     demo.set_defaults(run=_demo)
     return parser
 

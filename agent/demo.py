@@ -4,34 +4,65 @@ Replays the portfolio's sample inputs at a steady rate, then loads every core wi
 processes for a while, then lets go: each switch prints with its reason, and a per-variant
 latency table closes the run. The SLO is set from this machine's own measurements (a multiple
 of the most accurate variant's bench p95), so the story is the same on a Pi and on a laptop.
+
+With `fleet=True` the device also joins a fleet on a local broker (mosquitto, else amqtt):
+the controller's `watch` table prints during the stress, and at the end a second release of
+the portfolio is deployed over MQTT while the replay goes on.
 """
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import threading
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
+from agent.config import MqttConfig
+from agent.fleet.cli import describe_result, watch_table
+from agent.fleet.controller import BrokerOptions, Controller
+from agent.fleet.deploy import PortfolioStore
+from agent.fleet.local_broker import LocalBroker
+from agent.fleet.member import FleetMember
+from agent.fleet.serve import pack_portfolio
 from agent.policy import PolicySettings
-from agent.portfolio import Portfolio
+from agent.portfolio import Portfolio, sha256_file
 from agent.profiles import load_profile
 from agent.service import Agent, Event
 from agent.stats import percentile
 from agent.workload import CpuStress, ReplaySource
 
+DEMO_FLEET, DEMO_DEVICE = "demo", "demo-device"
+
 
 def run_demo(portfolio_dir: Path, device: str = "x86", rate_hz: float = 200.0, calm_s: float = 15.0,
              stress_s: float = 30.0, after_s: float = 25.0, slo_factor: float = 2.0, cooldown_s: float = 8.0,
-             print_fn=print) -> dict[str, list[float]]:
-    portfolio = Portfolio.open(portfolio_dir)
-    profile = load_profile(device)
-    agent = Agent(portfolio, profile, PolicySettings(latency_slo_ms=1e9), preload="all", bench_runs=100)
+             fleet: bool = False, print_fn=print) -> dict[str, list[float]]:
+    with ExitStack() as cleanup:
+        return _run(cleanup, portfolio_dir, device, rate_hz, calm_s, stress_s, after_s, slo_factor, cooldown_s,
+                    fleet, print_fn)
+
+
+def _run(cleanup: ExitStack, portfolio_dir, device, rate_hz, calm_s, stress_s, after_s, slo_factor, cooldown_s,
+         fleet, print_fn) -> dict[str, list[float]]:
     started = time.monotonic()
     clock = lambda: f"[{time.monotonic() - started:6.1f} s]"
+    state_dir = store = None
+    if fleet:
+        state_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="edgeshift-demo-")))
+        store = PortfolioStore(state_dir)
+        portfolio_dir = store.install_initial(Path(portfolio_dir))
+    portfolio = Portfolio.open(portfolio_dir)
+    agent = Agent(portfolio, load_profile(device), PolicySettings(latency_slo_ms=1e9), preload="all",
+                  bench_runs=100, state_dir=state_dir)
     agent.listeners.append(lambda e: _print_event(e, clock, print_fn))
     agent.start()
+    cleanup.callback(agent.close)
+    controller = _join_fleet(cleanup, agent, state_dir, store, clock, print_fn) if fleet else None
 
     best = agent.policy.candidates[0]
     slo = slo_factor * best.bench_p95_ms
@@ -51,23 +82,67 @@ def run_demo(portfolio_dir: Path, device: str = "x86", rate_hz: float = 200.0, c
     steering = threading.Thread(target=_steer, args=(agent, stop), daemon=True)
     replay.start()
     steering.start()
+    watch = (lambda: print_fn(_fleet_table(controller))) if controller else (lambda: None)
     try:
         print_fn(f"{clock()} replaying samples at {rate_hz:g} Hz; calm for {calm_s:g} s")
         time.sleep(calm_s)
         with CpuStress(duration_s=stress_s):
             print_fn(f"{clock()} CPU stress on every core for {stress_s:g} s")
-            time.sleep(stress_s)
+            _sleep_watching(stress_s, watch)
         print_fn(f"{clock()} stress over; watching for {after_s:g} s (a step up waits {cooldown_s:g} s of calm)")
-        time.sleep(after_s)
+        _sleep_watching(after_s, watch)
+        if controller:
+            _deploy_second_release(controller, portfolio, state_dir, clock, print_fn)
+            watch()
     finally:
         stop.set()
         replay.stop()
         steering.join(timeout=5)
-        agent.close()
+    cleanup.close()  # leave the fleet (graceful offline), close the agent, stop the broker
     print_fn(f"{clock()} {replay.sent} requests, {replay.failed} failed; "
              f"{sum(1 for e in agent.events if e.type == 'switch')} switches")
     print_fn(_latency_lines(latencies))
     return latencies
+
+
+def _join_fleet(cleanup: ExitStack, agent: Agent, state_dir: Path, store: PortfolioStore, clock, print_fn):
+    broker = cleanup.enter_context(LocalBroker())
+    config = MqttConfig(host="127.0.0.1", port=broker.port, fleet=DEMO_FLEET, device_id=DEMO_DEVICE,
+                        protocol=broker.protocol, telemetry_interval_s=2.0)
+    member = FleetMember(agent, config, state_dir, store)
+    member.start()
+    cleanup.callback(member.stop)
+    controller = Controller(BrokerOptions(port=broker.port, fleet=DEMO_FLEET, protocol=broker.protocol),
+                            follow_telemetry=True).connect()
+    cleanup.callback(controller.close)
+    print_fn(f"{clock()} {DEMO_DEVICE} joined fleet '{DEMO_FLEET}' on a local {broker.kind} broker "
+             f"(127.0.0.1:{broker.port}, MQTT {'5' if broker.protocol == 5 else '3.1.1'})")
+    return controller
+
+
+def _fleet_table(controller: Controller) -> str:
+    return "edgeshift-fleet watch\n" + watch_table(controller.statuses(), controller.telemetry(), controller.last_events())
+
+
+def _sleep_watching(seconds: float, watch, every_s: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(every_s, left))
+        if deadline - time.monotonic() > 1:
+            watch()
+
+
+def _deploy_second_release(controller: Controller, portfolio: Portfolio, state_dir: Path, clock, print_fn) -> None:
+    """Re-release the same variants under a new name and deploy it over MQTT, as an operator would."""
+    release = Path(shutil.copytree(portfolio.root, state_dir / "release" / "portfolio"))
+    manifest = json.loads((release / "manifest.json").read_text())
+    manifest["name"] = f"{portfolio.manifest.name}-v2"
+    (release / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    archive = pack_portfolio(release, state_dir / "release")
+    print_fn(f"{clock()} edgeshift-fleet deploy {DEMO_DEVICE} {archive.name} (sha256 {sha256_file(archive)[:12]}...)")
+    result = controller.send([DEMO_DEVICE], "deploy", {"source": str(archive), "sha256": sha256_file(archive)},
+                             timeout_s=120)[0]
+    print_fn(f"{clock()} {describe_result('deploy', result)}")
 
 
 def _steer(agent: Agent, stop: threading.Event, interval_s: float = 0.5) -> None:
