@@ -27,6 +27,10 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/structured.py
 	$(PY) bench/portfolio_cost.py
+	$(PY) bench/agent_switch.py
+	$(PY) bench/agent_overhead.py
+	$(PY) bench/agent_memory.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -9,7 +9,7 @@ another's allocations; RSS is psutil's for that process, read after gc.collect()
   the warm-up swaps and then after the measured ones. With preload "all" the sessions stay loaded;
   with "lazy" every swap loads the new variant and unloads the old one. Target: drift < 10 MiB.
 
-    python bench/agent_memory.py                        # 100 warm-up + 1000 measured swaps: ~1 min on 2 cores
+    python bench/agent_memory.py                        # 100 warm-up + 1000 measured swaps: ~10 s on 2 cores
     python bench/agent_memory.py --warmup-swaps 10 --swaps 100     # a quick look
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ file on the same batch-1 input in interleaved rounds: each round times one call 
 alternating from round to round, so machine noise hits both alike. The variant is the dense model
 of a one-variant portfolio of a CIFAR-style ResNet-18 (bench/models.py, ~11M params, 1 epoch on digits).
 
-    python bench/agent_overhead.py              # 300 rounds: ~30 s on 2 cores (+ ~2 min once to build the portfolio)
+    python bench/agent_overhead.py              # 300 rounds: ~10 s on 2 cores (+ ~2 min once to build the portfolio)
     python bench/agent_overhead.py --rounds 30  # a quick look
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ request until that answer; stopping the old process is not counted (in the basel
 requests that would have arrived meanwhile, at the clients' measured rate, are dropped. The child
 reports when its imports, session load and first run ended, which splits the restart into parts.
 
-    python bench/agent_switch.py        # 500 resident + 200 lazy switches, 30 restarts: ~1 min on 2 cores
+    python bench/agent_switch.py        # 500 resident + 200 lazy switches, 30 restarts: ~15 s on 2 cores
                                         # (+ ~2 min once to build the default portfolio)
     python bench/agent_switch.py --switches 50 --lazy-switches 20 --restarts 5     # a quick look
 """

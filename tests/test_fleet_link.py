@@ -257,6 +257,7 @@ def test_telemetry_and_events_carry_ts_schema_and_a_rising_seq(broker, link_fact
     assert set(latest["latency"]) == set(variants)
     assert set(latest["latency"][variants[0]]) == {"count", "p50", "p95", "p99"}
     assert sum(t["throughput_rps"] for t in telemetry) > 0 and latest["errors"] == 0
+    assert latest["outbox"]["dropped"] == 0 and latest["outbox"]["pending"] >= 0
 
     events = watcher.wait_for(prefix(device_id) + "events", count=3)
     assert [e["type"] for e in events] == ["switch", "switch", "deploy"]

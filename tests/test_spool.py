@@ -132,3 +132,11 @@ def test_a_thousand_puts_are_quick(tmp_path):
             spool.put("edgeshift/default/pi/events", b'{"type": "switch", "seq": %d}' % seq)
         elapsed = time.perf_counter() - started
     assert elapsed < 5.0, f"1000 puts took {elapsed:.2f} s"
+
+
+def test_spool_reports_its_length_and_drops_for_telemetry(tmp_path):
+    spool = Spool(tmp_path / "spool.sqlite", max_messages=2)
+    for n in range(3):
+        spool.put("t", b"x")
+    assert len(spool) == 2 and spool.dropped() == 1
+    spool.close()

@@ -68,6 +68,10 @@ class Outbox(Protocol):
 
     def ack(self, id: int) -> None: ...
 
+    def __len__(self) -> int: ...
+
+    def dropped(self) -> int: ...  # messages lost to the outbox's bounds, reported in telemetry
+
 
 class MemoryOutbox:
     """An Outbox that lives as long as the process; beyond `limit` messages the oldest are dropped."""
@@ -76,6 +80,7 @@ class MemoryOutbox:
         self.limit = limit
         self._items: dict[int, OutboxItem] = {}  # insertion order is put order
         self._next_id = 1
+        self._dropped = 0
         self._lock = threading.Lock()
 
     def put(self, topic: str, payload: bytes, qos: int) -> int:
@@ -85,6 +90,7 @@ class MemoryOutbox:
             self._items[item.id] = item
             while len(self._items) > self.limit:
                 dropped = self._items.pop(next(iter(self._items)))
+                self._dropped += 1
                 log.warning("outbox full (%d messages): dropped the oldest, on %s", self.limit, dropped.topic)
             return item.id
 
@@ -95,6 +101,13 @@ class MemoryOutbox:
     def ack(self, id: int) -> None:
         with self._lock:
             self._items.pop(id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def dropped(self) -> int:
+        return self._dropped
 
 
 # ------------------------------------------------------------------ counters that survive restarts
@@ -473,6 +486,7 @@ class FleetLink:
             "requests": {vid: window.total for vid, window in windows.items()},
             "throughput_rps": round((requests - requests_before) / max(now - since, 1e-6), 3),
             "errors": errors - errors_before, "errors_total": errors,
+            "outbox": {"pending": len(self.outbox), "dropped": self.outbox.dropped()},
         })
 
     def _served_totals(self) -> tuple[int, int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any, Callable
 
 from torch import nn
@@ -37,6 +39,8 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute or ":" in attribute:
         raise ExportError(f"model spec '{spec}' is malformed; write it as package.module:factory")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own package in the current directory
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # importing runs the user's module code, which may raise anything
