@@ -12,6 +12,7 @@ IMP checkpoints go to --run-dir (default build/bench-imp), so a second run only 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +53,8 @@ def _bench_model(name: str, data, args) -> None:
             sparse = build()
             sparse.load_state_dict(levels[level].state)
             sparse.eval()
-            result = remove_dead_channels(sparse, data.test_x[:1], keep_outputs_of=classifier_of(sparse))
+            structured = copy.deepcopy(sparse)  # the step works in place; keep the parent to compare
+            result = remove_dead_channels(structured, data.test_x[:1], keep_outputs_of=classifier_of(structured))
             diff = float((predict(sparse, data.test_x) - predict(result.model, data.test_x)).abs().max())
             paths = {"sparse": Path(scratch) / f"{level}-sparse.onnx", "structured": Path(scratch) / f"{level}-structured.onnx"}
             export_onnx(sparse, data.test_x[:4], paths["sparse"])

@@ -1,6 +1,7 @@
 """From a model and its data to a verified portfolio directory (DNNShifter: IMP, then the structured step)."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -101,7 +102,8 @@ def _variants(build, levels: dict[int, Level], data: Dataset, log) -> list[Built
         details = {"imp_level": level}
         variants.append(BuiltVariant(_describe(sparse, sparse_id, "imp-sparse", "dense", levels[level].density,
                                                example, common, details), sparse))
-        result = remove_dead_channels(sparse, example, keep_outputs_of=classifier_of(sparse))
+        structured = copy.deepcopy(sparse)  # the step works in place; the sparse parent is a variant too
+        result = remove_dead_channels(structured, example, keep_outputs_of=classifier_of(structured))
         diff = max(_max_diff(sparse, result.model, probe), _max_diff(sparse, result.model, data.test_x))
         if diff > EXACT_ATOL:
             raise ExportError(f"structured step of level {level} changed the outputs by {diff:.2e} "

@@ -1,4 +1,6 @@
 """The structured step removes dead channels and never changes an output."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -53,7 +55,8 @@ def test_structured_step_is_exact_on_every_zoo_model(name):
     plant_empty_structure(sparse, filters=0.3, columns=0.2)
     x = torch.randn(8, 3, 32, 32)
 
-    result = remove_dead_channels(sparse, x[:1], keep_outputs_of=classifier_of(sparse))
+    structured = copy.deepcopy(sparse)
+    result = remove_dead_channels(structured, x[:1], keep_outputs_of=classifier_of(structured))
 
     assert params(result.model) < 0.85 * params(sparse)
     assert max_diff(sparse, result.model, x) <= EXACT
@@ -73,7 +76,8 @@ def test_emptied_filter_with_live_batchnorm_constant_is_kept():
         model[1].bias[2] = 1.0
     x = torch.randn(4, 3, 32, 32)
 
-    result = remove_dead_channels(model, x[:1], keep_outputs_of=model[8])
+    structured = copy.deepcopy(model)
+    result = remove_dead_channels(structured, x[:1], keep_outputs_of=structured[8])
 
     assert result.model[0].out_channels == 8
     assert max_diff(model, result.model, x) <= EXACT
@@ -93,7 +97,8 @@ def test_batchnorm_masked_behind_emptied_filter_makes_it_removable():
 
     masks = with_batchnorm_of_empty_filters(model, masks, torch.randn(1, 3, 32, 32))
     apply_masks(model, masks)
-    result = remove_dead_channels(model, torch.randn(1, 3, 32, 32), keep_outputs_of=model[5])
+    structured = copy.deepcopy(model)
+    result = remove_dead_channels(structured, torch.randn(1, 3, 32, 32), keep_outputs_of=structured[5])
 
     assert masks.derived["1.weight"].tolist() == [True, False, True, True, True, False, True, True]
     assert result.model[0].out_channels == 6
@@ -107,7 +112,8 @@ def test_channel_nobody_reads_is_removed():
     with torch.no_grad():
         model[2].weight[:, [0, 3]] = 0  # the 1x1 conv ignores channels 0 and 3 of the first conv
 
-    result = remove_dead_channels(model, torch.randn(1, 3, 16, 16), keep_outputs_of=model[5])
+    structured = copy.deepcopy(model)
+    result = remove_dead_channels(structured, torch.randn(1, 3, 16, 16), keep_outputs_of=structured[5])
 
     assert result.model[0].out_channels == 6
     assert max_diff(model, result.model, torch.randn(4, 3, 16, 16)) <= EXACT
@@ -119,7 +125,8 @@ def test_fully_dead_layer_keeps_one_channel_and_stays_exact():
     with torch.no_grad():
         model[0].weight.zero_()
 
-    result = remove_dead_channels(model, torch.randn(1, 3, 16, 16), keep_outputs_of=model[5])
+    structured = copy.deepcopy(model)
+    result = remove_dead_channels(structured, torch.randn(1, 3, 16, 16), keep_outputs_of=structured[5])
 
     assert result.model[0].out_channels == 1
     assert max_diff(model, result.model, torch.randn(4, 3, 16, 16)) <= EXACT
@@ -131,16 +138,28 @@ def test_classifier_outputs_are_never_removed():
         model[3].weight[2] = 0
         model[3].bias[2] = 0
 
-    result = remove_dead_channels(model, torch.randn(1, 3, 8, 8), keep_outputs_of=model[3])
+    structured = copy.deepcopy(model)
+    result = remove_dead_channels(structured, torch.randn(1, 3, 8, 8), keep_outputs_of=structured[3])
 
     assert result.model[3].out_features == 5
 
 
-def test_source_model_is_left_untouched():
+def test_the_step_works_in_place_and_returns_the_model():
     model = build_model("resnet20", width=0.25)
     plant_empty_structure(model, filters=0.5, columns=0.0)
     before = params(model)
 
-    remove_dead_channels(model, torch.randn(1, 3, 32, 32), keep_outputs_of=classifier_of(model))
+    result = remove_dead_channels(model, torch.randn(1, 3, 32, 32), keep_outputs_of=classifier_of(model))
 
-    assert params(model) == before
+    assert result.model is model and params(model) < before
+
+
+def test_grouped_conv_readers_are_never_misread():
+    """A grouped conv's weight columns index channels within a group; such readers count as unknown."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight[:, 0] = 0  # in-group column 0: channels 0 and 4 overall; a naive column test misreads it
+    structured = copy.deepcopy(model)
+    result = remove_dead_channels(structured, torch.randn(1, 3, 16, 16), keep_outputs_of=structured[5])
+    assert max_diff(model, result.model, torch.randn(4, 3, 16, 16)) <= EXACT

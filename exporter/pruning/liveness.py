@@ -11,11 +11,14 @@ masks BN's affine terms behind an emptied filter; `False` is the strict view of 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 ZeroMask = torch.Tensor  # bool [channels]; True = provably zero for every input
+_READS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight identity, block_nonzero)
 
 # grad_fn names of element-wise ops that map all-zero inputs to zero (relu(0) = 0, 0 + 0 = 0, ...).
 _ZERO_PRESERVING = (
@@ -71,22 +74,37 @@ def _node_zero(node, zero_of, bn_as_masked: bool) -> ZeroMask | None:
     return None  # concat, split, custom ops: unknown, so never claimed zero
 
 
-def _weighted_zero(module: nn.Conv2d | nn.Linear, inputs: list[ZeroMask | None]) -> ZeroMask:
+def block_nonzero(module: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    """bool [out, in_per_group]: whether output channel o reads input channel i with any non-zero weight.
+
+    Rows answer "is this filter empty", columns "does anyone read this channel". Cached on the
+    module until its weight changes shape (the structured step asks several times per layer).
+    """
     weight = module.weight.detach()
-    out_channels = weight.shape[0]
+    key = (weight.shape, weight.data_ptr(), weight._version)
+    cached = _READS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    out_channels, in_channels = weight.shape[:2]
+    reads = (weight.reshape(out_channels * in_channels, -1) != 0).any(dim=1).view(out_channels, in_channels)
+    _READS[module] = (key, reads)
+    return reads
+
+
+def _weighted_zero(module: nn.Conv2d | nn.Linear, inputs: list[ZeroMask | None]) -> ZeroMask:
+    reads = block_nonzero(module)
+    out_channels = reads.shape[0]
     bias_zero = torch.ones(out_channels, dtype=torch.bool) if module.bias is None else module.bias.detach() == 0
     depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == out_channels > 1
     in_features = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
     dead_in = _first_of_size(inputs, in_features)
 
-    rows_zero = (weight.reshape(out_channels, -1) == 0).all(dim=1)
     if depthwise:
-        if dead_in is not None:
-            rows_zero |= dead_in
+        rows_zero = ~reads[:, 0] | (dead_in if dead_in is not None else False)
     elif dead_in is not None and getattr(module, "groups", 1) == 1:
-        live = weight.clone()
-        live[:, dead_in] = 0  # weights that only ever multiply a zero input contribute nothing
-        rows_zero = (live.reshape(out_channels, -1) == 0).all(dim=1)
+        rows_zero = ~(reads & ~dead_in).any(dim=1)  # weights that only multiply a zero input contribute nothing
+    else:
+        rows_zero = ~reads.any(dim=1)
     return rows_zero & bias_zero
 
 

@@ -10,7 +10,6 @@ stays: that is what keeps the removal exact, unlike removing zero filters outrig
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from exporter.pruning.liveness import zero_output_channels
+from exporter.pruning.liveness import block_nonzero, zero_output_channels
 
 
 @dataclass
@@ -30,12 +29,15 @@ class StructuredResult:
 
 def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, keep_outputs_of: nn.Module | None = None
                          ) -> StructuredResult:
-    """A copy of `model` without its dead channels. `keep_outputs_of` (the classifier) keeps its outputs."""
+    """Remove `model`'s dead channels, in place (copy it first to keep the sparse parent).
+
+    `keep_outputs_of` (the classifier) keeps its outputs. `seconds` is the whole step: tracing the
+    graph, proving which channels are dead, and rebuilding the layers.
+    """
     started = time.perf_counter()
-    kept_name = _name_of(model, keep_outputs_of)
-    model = copy.deepcopy(model).eval()
+    model.eval()
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    ignored = [model.get_submodule(kept_name)] if kept_name is not None else []
+    ignored = [keep_outputs_of] if keep_outputs_of is not None else []
     zero = zero_output_channels(dg)  # indexed by channels as they are now; valid until a module's outputs shrink
     removed: dict[str, int] = {}
 
@@ -58,15 +60,6 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, keep_out
     return StructuredResult(model=model, removed=removed, seconds=time.perf_counter() - started)
 
 
-def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
-    if module is None:
-        return None
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name
-    raise ValueError("keep_outputs_of must be a submodule of the model")
-
-
 def _dead_root_indices(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torch.Tensor]) -> list[int]:
     """Root indices of the group's channels that are provably zero or read by nobody."""
     width = len(group[0].idxs)
@@ -86,9 +79,8 @@ def _dead_root_indices(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torc
                 mask = zero.get(module)
                 produced_zero[position] &= mask[member] if mask is not None else False
             has_source |= isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise
-        elif dg.is_in_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise:
-            columns = module.weight.detach().transpose(0, 1).reshape(module.weight.shape[1], -1)
-            unread[position] &= (columns == 0).all(dim=1)[member]
+        elif dg.is_in_channel_pruning_fn(handler) and _plain_reader(module):
+            unread[position] &= ~block_nonzero(module).any(dim=0)[member]
             has_reader = True
         elif dg.is_in_channel_pruning_fn(handler) and not _passes_channels_through(module):
             return []  # an unknown reader (a norm layer, a custom op): keep everything
@@ -99,6 +91,11 @@ def _dead_root_indices(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torc
     if has_reader:
         dead |= unread
     return torch.nonzero(dead).flatten().tolist()
+
+
+def _plain_reader(module: nn.Module) -> bool:
+    """A linear, or a conv whose every filter reads every input channel (groups == 1)."""
+    return isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d) and module.groups == 1
 
 
 def _passes_channels_through(module: nn.Module) -> bool:
