@@ -74,6 +74,11 @@ def _node_zero(node, zero_of, bn_as_masked: bool) -> ZeroMask | None:
     return None  # concat, split, custom ops: unknown, so never claimed zero
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose every output channel reads only its own input channel."""
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
 def block_nonzero(module: nn.Conv2d | nn.Linear) -> torch.Tensor:
     """bool [out, in_per_group]: whether output channel o reads input channel i with any non-zero weight.
 
@@ -95,7 +100,7 @@ def _weighted_zero(module: nn.Conv2d | nn.Linear, inputs: list[ZeroMask | None])
     reads = block_nonzero(module)
     out_channels = reads.shape[0]
     bias_zero = torch.ones(out_channels, dtype=torch.bool) if module.bias is None else module.bias.detach() == 0
-    depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == out_channels > 1
+    depthwise = is_depthwise(module)
     in_features = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
     dead_in = _first_of_size(inputs, in_features)
 

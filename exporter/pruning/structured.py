@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from exporter.pruning.liveness import block_nonzero, zero_output_channels
+from exporter.pruning.liveness import block_nonzero, is_depthwise, zero_output_channels
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _dead_root_indices(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torc
             return []  # index remapping (concat, split) that this analysis does not follow
         position = torch.tensor(item.root_idxs)
         member = torch.tensor(item.idxs)
-        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+        depthwise = is_depthwise(module)
         if dg.is_out_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
             if zero:
                 mask = zero.get(module)
@@ -100,6 +100,5 @@ def _plain_reader(module: nn.Module) -> bool:
 
 def _passes_channels_through(module: nn.Module) -> bool:
     """Modules that read a channel only to pass it on, so they are not its final readers."""
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, tp.ops._ElementWiseOp, tp.ops._ReshapeOp)):
-        return True
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+    return is_depthwise(module) or isinstance(
+        module, (nn.modules.batchnorm._BatchNorm, tp.ops._ElementWiseOp, tp.ops._ReshapeOp))
