@@ -5,11 +5,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agent.backends import Session
 from agent.stats import LatencySummary, percentile
+
+if TYPE_CHECKING:
+    from agent.runtime import Runtime
 
 
 def bench_sessions(sessions: dict[str, Session], sample: list[np.ndarray], runs: int = 50, warmup: int = 5
@@ -31,6 +35,19 @@ def bench_sessions(sessions: dict[str, Session], sample: list[np.ndarray], runs:
         values.sort()
         summaries[vid] = LatencySummary(len(values), percentile(values, 50), percentile(values, 95), percentile(values, 99))
     return summaries
+
+
+def bench_variants(runtime: Runtime, variant_ids: list[str], sample: list[np.ndarray], runs: int = 50,
+                   warmup: int = 5) -> dict[str, LatencySummary]:
+    """Open each variant in a session of its own (not the serving ones), measure them side by side, close them."""
+    sessions: dict[str, Session] = {}
+    try:
+        for vid in variant_ids:
+            sessions[vid] = runtime.open_session(vid)
+        return bench_sessions(sessions, sample, runs=runs, warmup=warmup)
+    finally:
+        for session in sessions.values():
+            session.close()
 
 
 def store_path(state_dir: Path, digest: str, backend: str, threads: int | None) -> Path:

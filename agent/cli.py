@@ -58,20 +58,15 @@ def _check(args) -> int:
 
 
 def _bench(args) -> int:
-    from agent.bench import bench_sessions, latency_table, save_bench, store_path
+    from agent.bench import bench_variants, latency_table, save_bench, store_path
 
     portfolio = Portfolio.open(args.dir)
     profile = load_profile(args.device)
     backend = get_backend(args.backend or profile.backend)
     threads = args.threads or profile.threads
     runtime = Runtime(portfolio, backend, threads, preload="lazy")
-    sessions = {v.id: runtime.open_session(v.id) for v in portfolio.manifest.variants}
     sample = [x[:args.batch] for x in portfolio.samples().inputs]
-    try:
-        results = bench_sessions(sessions, sample, runs=args.runs)
-    finally:
-        for session in sessions.values():
-            session.close()
+    results = bench_variants(runtime, [v.id for v in portfolio.manifest.variants], sample, runs=args.runs)
     print(f"{portfolio.manifest.name} on {backend.name}, {threads} threads, batch {args.batch}, {args.runs} runs each "
           f"(interleaved)")
     print(latency_table(results))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.backends import BackendError, get_backend
-from agent.bench import bench_sessions, load_bench, save_bench, store_path
+from agent.bench import bench_variants, load_bench, save_bench, store_path
 from agent.monitor import ResourceMonitor, Snapshot, thermal_state
 from agent.policy import Candidate, Decision, Observation, Policy, PolicySettings
 from agent.portfolio import Portfolio, PortfolioError
@@ -145,12 +145,7 @@ class Agent:
         if stored and all(vid in stored for vid in variant_ids):
             return {vid: stored[vid] for vid in variant_ids}
         probe = Runtime(portfolio, self.backend, self.threads, preload="lazy")
-        sessions = {vid: probe.open_session(vid) for vid in variant_ids}
-        try:
-            results = bench_sessions(sessions, sample, runs=self.bench_runs)
-        finally:
-            for session in sessions.values():
-                session.close()
+        results = bench_variants(probe, variant_ids, sample, runs=self.bench_runs)
         if path:
             save_bench(path, results, self.backend.name, self.threads)
         return results

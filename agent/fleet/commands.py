@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.bench import bench_sessions
+from agent.bench import bench_variants
 from agent.fleet.topics import decode, encode
 
 if TYPE_CHECKING:
@@ -226,14 +226,7 @@ class CommandHandler:
         if runtime is None:
             raise CommandError("the agent has not started")
         sample = [x[:1] for x in agent.portfolio.samples().inputs]
-        sessions = {}
-        try:
-            for variant_id in agent.status()["variants"]:
-                sessions[variant_id] = runtime.open_session(variant_id)
-            results = bench_sessions(sessions, sample, runs=runs, warmup=2)
-        finally:
-            for session in sessions.values():
-                session.close()
+        results = bench_variants(runtime, agent.status()["variants"], sample, runs=runs, warmup=2)
         return {"backend": agent.backend.name, "threads": agent.threads, "runs": runs,
                 "variants": [{"id": vid, **summary.to_dict()} for vid, summary in results.items()]}
 
