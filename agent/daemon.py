@@ -90,8 +90,7 @@ class Daemon:
         if self.agent.made_progress_within(window_s):
             return True
         try:
-            sample = self.agent.portfolio.samples().inputs
-            self.agent.infer([x[:1] for x in sample])
+            self.agent.infer(self.agent.canary)
             return True
         except Exception:
             log.exception("canary inference failed; withholding the watchdog")

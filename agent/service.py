@@ -44,6 +44,7 @@ class _Serving:
     policy: Policy
     bench: dict[str, LatencySummary]
     unhealthy: dict[str, str]
+    canary: list[np.ndarray]        # one health-check input at batch 1: for warm-up, watchdog and bench
 
 
 class Agent:
@@ -74,6 +75,7 @@ class Agent:
         self.ready = False
         self.unhealthy: dict[str, str] = {}
         self.bench: dict[str, LatencySummary] = {}
+        self.canary: list[np.ndarray] = []
         self.last_decision: Decision | None = None
         self.last_snapshot: Snapshot | None = None
         self.runtime: Runtime | None = None
@@ -116,7 +118,8 @@ class Agent:
             raise PortfolioError(f"{portfolio.root}: no variant passed its health check "
                                  f"({'; '.join(f'{k}: {v}' for k, v in unhealthy.items())})")
 
-        bench = self._measure(portfolio, healthy, [x[:1] for x in samples.inputs])
+        canary = [x[:1] for x in samples.inputs]
+        bench = self._measure(portfolio, healthy, canary)
         candidates = [Candidate(vid, _quality(portfolio.manifest.variant(vid).metrics), bench[vid].p95,
                                 memory_estimate_mb(portfolio.manifest.variant(vid), self.backend.file_format))
                       for vid in healthy]
@@ -129,12 +132,13 @@ class Agent:
         order = [c.id for c in policy.candidates]  # most accurate first: neighbours are quality neighbours
         runtime = Runtime(portfolio, self.backend, self.threads, self.preload, self.max_batch, order)
         runtime.start(self._initial_variant(portfolio, policy, order))
-        runtime.infer([x[:1] for x in samples.inputs])  # warm the first request's path
-        return _Serving(portfolio, runtime, policy, bench, unhealthy)
+        runtime.infer(canary)  # warm the first request's path
+        return _Serving(portfolio, runtime, policy, bench, unhealthy, canary)
 
     def _adopt(self, serving: _Serving) -> None:
         self.portfolio, self.manifest, self.name = serving.portfolio, serving.portfolio.manifest, serving.portfolio.manifest.name
         self.policy, self.bench, self.unhealthy = serving.policy, serving.bench, serving.unhealthy
+        self.canary = serving.canary
         self.runtime = serving.runtime  # the one reference requests read: the swap
         self._save_state()
 

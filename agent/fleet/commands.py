@@ -225,8 +225,7 @@ class CommandHandler:
         runtime = agent.runtime
         if runtime is None:
             raise CommandError("the agent has not started")
-        sample = [x[:1] for x in agent.portfolio.samples().inputs]
-        results = bench_variants(runtime, agent.status()["variants"], sample, runs=runs, warmup=2)
+        results = bench_variants(runtime, agent.status()["variants"], agent.canary, runs=runs, warmup=2)
         return {"backend": agent.backend.name, "threads": agent.threads, "runs": runs,
                 "variants": [{"id": vid, **summary.to_dict()} for vid, summary in results.items()]}
 
