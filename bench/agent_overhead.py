@@ -25,17 +25,12 @@ from bench._portfolio import resnet18_portfolio, start_agent  # noqa: E402
 
 
 def bare_session(path: Path, threads: int):
-    """An onnxruntime session configured as agent/backends/onnx.py configures the agent's."""
+    """An onnxruntime session configured exactly as the agent's (agent/backends/onnx.py)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    from agent.backends.onnx import OnnxRuntimeBackend
+
+    options = OnnxRuntimeBackend().session_options(threads)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -37,15 +37,8 @@ class OnnxRuntimeBackend(Backend):
     def available() -> bool:
         return importlib.util.find_spec("onnxruntime") is not None
 
-    def open(
-        self,
-        path: Path,
-        variant_id: str,
-        *,
-        threads: int | None = None,
-        manifest_layout: str | None = None,  # the .onnx file takes the manifest's layout as it is
-        file_input_shape: list[int] | None = None,
-    ) -> Session:
+    def session_options(self, threads: int | None = None):
+        """The onnxruntime options every agent session runs with (benchmarks reuse them for a bare session)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -57,8 +50,21 @@ class OnnxRuntimeBackend(Backend):
         spinning = "1" if self.allow_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        return options
+
+    def open(
+        self,
+        path: Path,
+        variant_id: str,
+        *,
+        threads: int | None = None,
+        manifest_layout: str | None = None,  # the .onnx file takes the manifest's layout as it is
+        file_input_shape: list[int] | None = None,
+    ) -> Session:
+        import onnxruntime as ort
+
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), self.session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime's errors derive from Exception only
             raise BackendError(f"{path}: onnxruntime cannot load this file ({error})") from None
         return OnnxRuntimeSession(session, Path(path), variant_id)
