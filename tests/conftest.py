@@ -26,3 +26,14 @@ def small_portfolio(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["portfolio", "--out", str(out), *SMALL_PORTFOLIO_ARGS]) == 0, "the exporter failed"
     Portfolio.open(out)  # fail here, not in every test, if the export is not a valid portfolio
     return out
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A mosquitto of the test module's own, on a free loopback port (tests/mqtt_broker.py)."""
+    from mqtt_broker import Broker, free_port, plain_config
+
+    directory = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    with Broker(plain_config(port, directory), directory, port) as running:
+        yield running

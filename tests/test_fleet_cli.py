@@ -19,7 +19,7 @@ from agent.policy import PolicySettings
 from agent.portfolio import Portfolio
 from agent.profiles import load_profile
 from agent.service import Agent
-from mqtt_broker import Broker, free_port, mosquitto_available, plain_config
+from mqtt_broker import free_port, mosquitto_available
 from test_fleet_link import wait_until
 from test_fleet_member import archive
 
@@ -54,14 +54,6 @@ def start_device(portfolio: Path, port: int, state: Path) -> Device:
     member.start()
     wait_until(lambda: member.link.connected, what="the device to connect")
     return Device(name, fleet, port, agent, member)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    with Broker(plain_config(port, directory), directory, port) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,6 @@ pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="needs mosquit
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    with Broker(plain_config(port, directory), directory, port) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def agent(small_portfolio, tmp_path_factory):
     agent = Agent(Portfolio.open(small_portfolio), load_profile("x86"), PolicySettings(latency_slo_ms=1000),
                   backend="onnxruntime", threads=1, bench_runs=3, state_dir=tmp_path_factory.mktemp("agent-state"))
