@@ -10,7 +10,7 @@ PORTFOLIO ?= build/portfolio
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -e '.[export,tflite,dev]'
+	$(PIP) -e '.[export,tflite,llm,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -47,6 +47,8 @@ def _train(args) -> int:
 
 
 def _portfolio(args) -> int:
+    if args.method == "pai":
+        return _pai_portfolio(args)
     from exporter.pipeline import PortfolioSpec, build_portfolio
     from exporter.pruning.imp import ImpConfig
 
@@ -61,6 +63,22 @@ def _portfolio(args) -> int:
         progress=not args.quiet,
     )
     manifest = build_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+    print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _pai_portfolio(args) -> int:
+    from exporter.pai.pipeline import DEFAULT_DENSITIES, PaiSpec, build_pai_portfolio
+    from exporter.pai.reconvene import ReconveneConfig
+
+    config = ReconveneConfig(scorer=args.scorer, structured_share=args.structured_share,
+                             synflow_rounds=args.synflow_rounds, seed=args.seed)
+    spec = PaiSpec(out=args.out, model=args.model, width=args.width, data=args.data, train=_train_config(args),
+                   reconvene=config, densities=tuple(args.densities or DEFAULT_DENSITIES),
+                   calibration_size=args.calibration_size, tflite=not args.no_tflite, name=args.name,
+                   force=args.force, progress=not args.quiet)
+    manifest = build_pai_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     print(f"report: {args.out / 'report.md'}")
     return 0
@@ -112,8 +130,21 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _densities(text: str) -> list[float]:
+    try:
+        densities = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"densities must be comma-separated numbers like 0.125,0.0625, got {text!r}")
+    bad = [d for d in densities if not 0 < d <= 1]
+    if not densities or bad:
+        raise argparse.ArgumentTypeError(f"every density must be in (0, 1], got {text!r}")
+    return densities
+
+
 def _parser() -> argparse.ArgumentParser:
     from exporter.models import DEFAULT_MODEL
+    from exporter.pai.pipeline import PaiSpec
+    from exporter.pai.reconvene import ReconveneConfig
     from exporter.pruning.imp import ImpConfig
     from exporter.train import TrainConfig
 
@@ -139,9 +170,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
     train.set_defaults(run=_train)
 
-    portfolio = commands.add_parser("portfolio", help="IMP + structured step + export: a portfolio directory")
+    portfolio = commands.add_parser("portfolio", help="prune, shrink, export and check: a portfolio directory")
     model_and_data(portfolio)
     portfolio.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
+    portfolio.add_argument("--method", choices=("dnnshifter", "pai"), default="dnnshifter",
+                           help="dnnshifter: IMP with rewinding, then the exact structured step (default); "
+                                "pai: Reconvene's structured pruning at initialization")
     portfolio.add_argument("--checkpoint", type=Path, help="dense weights to start from instead of training")
     portfolio.add_argument("--imp-levels", type=int, default=ImpConfig.levels, help="IMP levels trained after the dense one")
     portfolio.add_argument("--level-epochs", type=int, default=ImpConfig.level_epochs, help="retraining epochs per IMP level")
@@ -151,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
     portfolio.add_argument("--run-dir", type=Path, help="keep per-level checkpoints here and reuse them on the next run")
     portfolio.add_argument("--no-tflite", action="store_true", help="export ONNX only")
     portfolio.add_argument("--name", help="portfolio name (default: model-dataset)")
+    pai = portfolio.add_argument_group("pai (Reconvene) options")
+    pai.add_argument("--scorer", default=ReconveneConfig.scorer, help="PaI scorer: snip, grasp, synflow, magnitude, random")
+    pai.add_argument("--densities", type=_densities, help="densities in (0, 1], e.g. 0.125,0.0625 (default: 1/8 to 1/64)")
+    pai.add_argument("--structured-share", type=float, default=ReconveneConfig.structured_share,
+                     help="share of conv layers, least sensitive first, made structured")
+    pai.add_argument("--synflow-rounds", type=int, default=ReconveneConfig.synflow_rounds, help="SynFlow's pruning rounds")
+    pai.add_argument("--calibration-size", type=int, default=PaiSpec.calibration_size, help="images SNIP and GraSP score on")
     portfolio.set_defaults(run=_portfolio)
 
     inspect = commands.add_parser("inspect", help="verify a portfolio and print its variants")

@@ -54,19 +54,35 @@ def global_magnitude_prune(weights: dict[str, nn.Parameter], masks: Masks, fract
     """New ranked masks that drop exactly `fraction` of the surviving weights, smallest magnitudes first, across all layers."""
     if not 0 < fraction < 1:
         raise ValueError(f"prune fraction must be in (0, 1), got {fraction}")
-    names = list(weights)
-    magnitudes = torch.cat([weights[n].detach().abs().flatten() for n in names])
-    kept = torch.cat([masks.ranked[n].flatten() for n in names])
-    candidates = torch.nonzero(kept).flatten()
-    to_prune = int(round(fraction * candidates.numel()))
-    order = torch.sort(magnitudes[candidates], stable=True).indices
-    kept = kept.clone()
-    kept[candidates[order[:to_prune]]] = False
+    surviving = sum(int(m.sum()) for m in masks.ranked.values())
+    scores = {name: w.detach().abs() for name, w in weights.items()}
+    return keep_top_scores(scores, surviving - int(round(fraction * surviving)), among=masks)
+
+
+def keep_top_scores(scores: dict[str, torch.Tensor], keep: int, among: Masks | None = None) -> Masks:
+    """Masks keeping exactly the `keep` highest-scoring entries across all tensors (of those `among` keeps).
+
+    The global ranking shared by IMP's magnitude criterion and every pruning-at-init scorer.
+    """
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().flatten() for n in names])
+    low, high = torch.aminmax(flat)
+    if not (torch.isfinite(low) and torch.isfinite(high)):  # nan propagates into both
+        raise ValueError("pruning scores are not all finite (nan or inf); the scorer overflowed")
+    available = flat.numel()
+    if among is not None:
+        candidates = torch.cat([among.ranked[n].flatten() for n in names])
+        available = int(candidates.sum())
+        flat = flat.masked_fill(~candidates, -torch.inf)
+    if not 0 <= keep <= available:
+        raise ValueError(f"cannot keep {keep} of {available} weights")
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    kept[torch.topk(flat, keep, sorted=False).indices] = True
 
     ranked, offset = {}, 0
     for n in names:
-        size = weights[n].numel()
-        ranked[n] = kept[offset:offset + size].view_as(weights[n]).clone()
+        size = scores[n].numel()
+        ranked[n] = kept[offset:offset + size].view(scores[n].shape).clone()  # own storage: masks get saved
         offset += size
     return Masks(ranked=ranked)
 
@@ -81,14 +97,18 @@ def with_batchnorm_of_empty_filters(model: nn.Module, masks: Masks, example_inpu
     probe = copy.deepcopy(model).eval()  # tracing a training-mode model would move its BN statistics
     apply_masks(probe, Masks(ranked=masks.ranked))
     dg = tp.DependencyGraph().build_dependency(probe, example_inputs=example_input)
-    zero = zero_output_channels(dg, bn_as_masked=True)
+    return Masks(ranked=masks.ranked, derived=batchnorm_masks_of_empty_filters(probe, dg))
 
+
+def batchnorm_masks_of_empty_filters(masked_model: nn.Module, dg: tp.DependencyGraph) -> dict[str, torch.Tensor]:
+    """BN gamma/beta masks for the channels of an already-masked model that are provably zero."""
+    zero = zero_output_channels(dg, bn_as_masked=True)
     derived = {}
-    for name, module in probe.named_modules():
+    for name, module in masked_model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module in zero:
             derived[f"{name}.weight"] = ~zero[module]
             derived[f"{name}.bias"] = ~zero[module]
-    return Masks(ranked=masks.ranked, derived=derived)
+    return derived
 
 
 def apply_masks(model: nn.Module, masks: Masks) -> None:

@@ -27,16 +27,18 @@ class StructuredResult:
     seconds: float = 0.0
 
 
-def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, keep_outputs_of: nn.Module | None = None
-                         ) -> StructuredResult:
+def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, keep_outputs_of: nn.Module | None = None,
+                         dg: tp.DependencyGraph | None = None) -> StructuredResult:
     """Remove `model`'s dead channels, in place (copy it first to keep the sparse parent).
 
-    `keep_outputs_of` (the classifier) keeps its outputs. `seconds` is the whole step: tracing the
-    graph, proving which channels are dead, and rebuilding the layers.
+    `keep_outputs_of` (the classifier) keeps its outputs. `dg`, the model's traced graph when the
+    caller has it already, is used and changed. `seconds` is the whole step: tracing the graph,
+    proving which channels are dead, and rebuilding the layers.
     """
     started = time.perf_counter()
     model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    if dg is None:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     ignored = [keep_outputs_of] if keep_outputs_of is not None else []
     zero = zero_output_channels(dg)  # indexed by channels as they are now; valid until a module's outputs shrink
     removed: dict[str, int] = {}

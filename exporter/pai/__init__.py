@@ -1,0 +1,1 @@
+"""Reconvene: structured pruning at initialization (scorers, per-layer sensitivity, shrinking)."""
