@@ -1,4 +1,5 @@
-"""edgeshift-agent: run the agent, check a portfolio on this device, benchmark its variants here."""
+"""edgeshift-agent: run the agent, check a portfolio on this device, benchmark its variants here,
+generate text with a causal-lm portfolio."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +9,12 @@ from pathlib import Path
 
 from agent.backends import BackendError, get_backend
 from agent.config import ConfigError, load_config
+from agent.generate import DEFAULT_MAX_NEW_TOKENS, generate
 from agent.portfolio import Portfolio, PortfolioError
 from agent.profiles import ProfileError, load_profile
-from agent.runtime import Runtime, health_check
+from agent.runtime import InferenceError, Runtime, health_check
 
-_BAD_INPUT = (ConfigError, PortfolioError, ProfileError, BackendError, KeyError, OSError)
+_BAD_INPUT = (ConfigError, PortfolioError, ProfileError, BackendError, InferenceError, KeyError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +79,42 @@ def _bench(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    """Greedy generation on one variant (the default one unless --variant), health-checked first."""
+    from agent.tokenizer import optional_codec, prompt_ids
+
+    portfolio = Portfolio.open(args.dir)
+    language_model = portfolio.manifest.language_model
+    if language_model is None:
+        raise InferenceError(f"{portfolio.manifest.name} is a {portfolio.manifest.task} portfolio; "
+                             "generate needs a causal-lm one")
+    variant = portfolio.manifest.variant(args.variant or portfolio.manifest.default_variant)
+    codec = optional_codec(portfolio.tokenizer_path)
+    ids = prompt_ids(args.prompt if args.ids is None else args.ids, portfolio.tokenizer_path, codec)
+    runtime = Runtime(portfolio, get_backend(args.backend or load_profile(args.device).backend), args.threads,
+                      preload="lazy")
+    samples = portfolio.samples()
+    problem = health_check(runtime, variant, samples.inputs, samples.expected[variant.id])
+    if problem:
+        raise PortfolioError(f"variant '{variant.id}' failed its health check: {problem}")
+    runtime.start(variant.id)
+    try:
+        result = generate(runtime, ids, args.max_tokens, language_model.eos_token_id, language_model.context_length)
+    finally:
+        runtime.close()
+    print(codec.decode(result.new_ids) if codec else " ".join(str(token) for token in result.new_ids))
+    print(f"{result.variant}: {len(result.new_ids)} tokens in {result.seconds:.2f} s "
+          f"({result.tokens_per_s:.1f} tokens/s), stopped at {result.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(token) for token in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids must be integers separated by spaces or commas, got {text!r}")
+
+
 def _demo(args) -> int:
     from agent.demo import run_demo
 
@@ -111,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--state-dir", type=Path, help="store the results where the agent reads them")
     bench.set_defaults(run=_bench)
+
+    gen = commands.add_parser("generate", help="greedy text generation with a causal-lm portfolio")
+    device_options(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the portfolio's tokenizer and the tokenizers package)")
+    prompt.add_argument("--ids", type=_token_ids, help="prompt as token ids, e.g. '1 42 7'")
+    gen.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"stop after this many new tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    gen.add_argument("--variant", help="variant to generate with (default: the portfolio's default variant)")
+    gen.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="replay samples, apply CPU stress, watch the agent switch")
     demo.add_argument("dir", type=Path, help="portfolio directory")

@@ -1,7 +1,9 @@
 """KServe v2 / Open Inference Protocol over HTTP (JSON tensors), plus Prometheus /metrics.
 
 GET /v2/health/live, /v2/health/ready, /v2, /v2/models/<name>, /v2/models/<name>/ready;
-POST /v2/models/<name>/infer. The response's parameters.variant names the variant that answered.
+POST /v2/models/<name>/infer, and for a causal-lm portfolio POST /v2/models/<name>/generate
+(the generate extension: greedy decoding, answered by one variant). The response's
+parameters.variant names the variant that answered.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from agent import __version__
+from agent.generate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from agent.metrics import render_metrics
 from agent.runtime import InferenceError
 
@@ -24,6 +27,7 @@ log = logging.getLogger("edgeshift.http")
 DATATYPES = {"FP32": "float32", "FP64": "float64", "FP16": "float16", "INT64": "int64", "INT32": "int32",
              "INT16": "int16", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 _TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
+GENERATE_PARAMETERS = ("max_tokens",)
 
 
 class HttpError(Exception):
@@ -77,7 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["v2", "health", "ready"]:
             return (HTTPStatus.OK if agent.ready else HTTPStatus.SERVICE_UNAVAILABLE), {"ready": agent.ready}
         if parts == ["v2"]:
-            return HTTPStatus.OK, {"name": "edgeshift", "version": __version__, "extensions": []}
+            extensions = ["generate"] if agent.manifest.task == "causal-lm" else []
+            return HTTPStatus.OK, {"name": "edgeshift", "version": __version__, "extensions": extensions}
         if parts == ["metrics"]:
             return HTTPStatus.OK, render_metrics(agent)
         if len(parts) in (3, 4) and parts[:2] == ["v2", "models"] and parts[3:] in ([], ["ready"]):
@@ -90,15 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> tuple[HTTPStatus, dict]:
         parts = self._parts()
-        if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer":
+        if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] in ("infer", "generate"):
             self._model(parts[2])
-            return HTTPStatus.OK, self._infer(self._json_body())
+            body = self._json_body()
+            return HTTPStatus.OK, (self._infer(body) if parts[3] == "infer" else self._generate(body))
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path}")
 
     def _infer(self, request: dict) -> dict:
         agent = self.agent
-        if not agent.ready:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "the agent is starting; retry when /v2/health/ready is 200")
+        self._ready()
         tensors = request.get("inputs")
         if not isinstance(tensors, list) or not tensors:
             raise HttpError(HTTPStatus.BAD_REQUEST, "'inputs' must be a non-empty list of tensors")
@@ -121,6 +126,27 @@ class _Handler(BaseHTTPRequestHandler):
             response["id"] = request["id"]
         return response
 
+    def _generate(self, request: dict) -> dict:
+        agent = self.agent
+        self._ready()
+        if agent.manifest.task != "causal-lm":
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"'{agent.name}' is a {agent.manifest.task} model; "
+                                                    "generate needs a causal-lm portfolio: use /infer")
+        prompt = _prompt(request)
+        max_tokens = _max_tokens(request.get("parameters", {}))
+        try:
+            result = agent.generate(prompt, max_new_tokens=max_tokens)
+        except InferenceError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        response = {"model_name": agent.name, "model_version": result.variant, "output_ids": result.new_ids,
+                    "parameters": {"variant": result.variant, "stop_reason": result.stop_reason,
+                                   "tokens": len(result.new_ids), "tokens_per_s": round(result.tokens_per_s, 3)}}
+        if result.text is not None:
+            response["text_output"] = result.text
+        if "id" in request:
+            response["id"] = request["id"]
+        return response
+
     def _metadata(self) -> dict:
         agent = self.agent
         status = agent.status()
@@ -131,6 +157,10 @@ class _Handler(BaseHTTPRequestHandler):
                 "parameters": {"active": status["active"], "reason": status["reason"], "task": agent.manifest.task}}
 
     # ------------------------------------------------------------------ plumbing
+
+    def _ready(self) -> None:
+        if not self.agent.ready:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "the agent is starting; retry when /v2/health/ready is 200")
 
     def _model(self, name: str) -> None:
         if name != self.agent.name:
@@ -189,13 +219,51 @@ def _decode_tensor(tensor: dict, specs: dict) -> tuple[str, np.ndarray]:
     if DATATYPES.get(datatype) != expected_dtype.name:
         raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': datatype must be "
                                                 f"{_TO_DATATYPE.get(expected_dtype, expected_dtype.name)}, got {datatype!r}")
+    if expected_dtype.kind in "iu" and not _all_integers(data):
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': data must be integers for {datatype}")
     try:
         array = np.asarray(data, dtype=expected_dtype)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': data must be numbers") from None
     if array.size != math.prod(shape):
         raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': {array.size} values do not fill shape {shape}")
     return name, array.reshape(shape)
+
+
+def _all_integers(data) -> bool:
+    """JSON integers only, at any nesting: numpy would truncate 1.5 to 1 without a word."""
+    if isinstance(data, list):
+        return all(_all_integers(item) for item in data)
+    return isinstance(data, int) and not isinstance(data, bool)
+
+
+def _prompt(request: dict) -> str | list[int]:
+    has_text, has_ids = "text_input" in request, "input_ids" in request
+    if has_text == has_ids:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "give the prompt as 'text_input' (a string) or 'input_ids' "
+                                                "(a list of token ids), exactly one of them")
+    if has_text:
+        if not isinstance(request["text_input"], str):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "'text_input' must be a string")
+        return request["text_input"]
+    ids = request["input_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "'input_ids' must be a flat list of integer token ids")
+    return ids
+
+
+def _max_tokens(parameters) -> int:
+    if not isinstance(parameters, dict):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "'parameters' must be an object")
+    unknown = sorted(set(parameters) - set(GENERATE_PARAMETERS))
+    if unknown:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown parameter '{unknown[0]}'; decoding is greedy and "
+                                                f"takes: {', '.join(GENERATE_PARAMETERS)}")
+    max_tokens = parameters.get("max_tokens", DEFAULT_MAX_NEW_TOKENS)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
+        raise HttpError(HTTPStatus.BAD_REQUEST,
+                        f"'max_tokens' must be an integer between 1 and {MAX_NEW_TOKENS}, got {max_tokens!r}")
+    return max_tokens
 
 
 def _encode_tensor(name: str, array: np.ndarray) -> dict:

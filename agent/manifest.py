@@ -87,6 +87,25 @@ class Variant:
     details: dict = field(default_factory=dict)  # method-specific, free-form JSON
 
 
+@dataclass
+class TokenizerFile:
+    """A Hugging Face `tokenizers` fast-tokenizer file (tokenizer.json) at the portfolio root."""
+
+    path: str  # relative to the portfolio root, forward slashes
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class LanguageModel:
+    """What serving a causal-lm portfolio needs beyond its tensors; absent for classification."""
+
+    tokenizer: TokenizerFile | None  # None: the portfolio takes token ids only
+    bos_token_id: int | None
+    eos_token_id: int | None  # greedy generation stops after emitting it
+    context_length: int  # the longest input_ids the variants are fed; generation keeps the last ones
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -101,6 +120,7 @@ class Manifest:
     default_variant: str
     labels: list[str] | None = None
     preprocessing: Preprocessing | None = None
+    language_model: LanguageModel | None = None  # required when task is "causal-lm"
     created: str = field(default_factory=_utc_now)
     exporter: dict[str, str] = field(default_factory=dict)  # versions: {"torch": "2.4.1", ...}
     schema: str = SCHEMA
@@ -124,6 +144,7 @@ class Manifest:
             "outputs": [asdict(spec) for spec in self.outputs],
             "labels": None if self.labels is None else list(self.labels),
             "preprocessing": None if self.preprocessing is None else asdict(self.preprocessing),
+            "language_model": None if self.language_model is None else asdict(self.language_model),
             "default_variant": self.default_variant,
             "variants": [asdict(variant) for variant in self.variants],
         }
@@ -142,6 +163,7 @@ class Manifest:
                 "upgrade the agent or re-export"
             )
         preprocessing = top.child("preprocessing", optional=True)
+        language_model = top.child("language_model", optional=True)
         manifest = cls(
             schema=schema,
             name=top.text("name"),
@@ -152,6 +174,7 @@ class Manifest:
             outputs=[_tensor_spec(item) for item in top.children("outputs")],
             labels=top.texts("labels", optional=True),
             preprocessing=None if preprocessing is None else _preprocessing(preprocessing),
+            language_model=None if language_model is None else _language_model(language_model),
             default_variant=top.text("default_variant"),
             variants=[_variant(item) for item in top.children("variants")],
         )
@@ -206,6 +229,11 @@ class _Fields:
         value = self._get(key, optional=False)
         return self._typed(key, value, "an integer", _is_int(value))
 
+    def nullable_integer(self, key: str) -> int | None:
+        """Required key whose value may be null."""
+        value = self._get(key, optional=False)
+        return None if value is None else self.integer(key)
+
     def number(self, key: str) -> float:
         value = self._get(key, optional=False)
         self._typed(key, value, "a number", _is_number(value))
@@ -222,6 +250,11 @@ class _Fields:
     def child(self, key: str, optional: bool = False) -> _Fields | None:
         value = self.mapping(key, optional)
         return None if value is None else _Fields(self.source, self.where(key), value)
+
+    def nullable_child(self, key: str) -> _Fields | None:
+        """Required key whose value may be null."""
+        self._get(key, optional=False)
+        return self.child(key, optional=True)
 
     def sequence(self, key: str, optional: bool = False) -> list | None:
         value = self._get(key, optional)
@@ -329,6 +362,32 @@ def _model_file(node: _Fields) -> ModelFile:
     return entry
 
 
+def _tokenizer_file(node: _Fields) -> TokenizerFile:
+    entry = TokenizerFile(path=node.text("path"), sha256=node.text("sha256"), bytes=node.integer("bytes"))
+    if not _SHA256_HEX.fullmatch(entry.sha256):
+        raise node.error("sha256", "must be 64 lowercase hex digits")
+    if entry.bytes < 0:
+        raise node.error("bytes", f"must not be negative, got {entry.bytes}")
+    return entry
+
+
+def _language_model(node: _Fields) -> LanguageModel:
+    tokenizer = node.nullable_child("tokenizer")
+    language_model = LanguageModel(
+        tokenizer=None if tokenizer is None else _tokenizer_file(tokenizer),
+        bos_token_id=node.nullable_integer("bos_token_id"),
+        eos_token_id=node.nullable_integer("eos_token_id"),
+        context_length=node.integer("context_length"),
+    )
+    for key in ("bos_token_id", "eos_token_id"):
+        token_id = getattr(language_model, key)
+        if token_id is not None and token_id < 0:
+            raise node.error(key, f"must not be negative, got {token_id}")
+    if language_model.context_length < 1:
+        raise node.error("context_length", f"must be at least 1, got {language_model.context_length}")
+    return language_model
+
+
 def _variant(node: _Fields) -> Variant:
     files = node.child("files")
     for fmt in files.data:
@@ -388,10 +447,38 @@ def _check_manifest(manifest: Manifest, source: str) -> None:
             reason = relpath_problem(entry.path)
             if reason:
                 raise fail(f"variant '{variant.id}' {fmt} path '{entry.path}' {reason}")
+    _check_language_model(manifest, fail)
     if manifest.default_variant not in seen:
         raise fail(
             f"default_variant '{manifest.default_variant}' is not a variant id (ids: {', '.join(ids)})"
         )
+
+
+def _check_language_model(manifest: Manifest, fail) -> None:
+    language_model = manifest.language_model
+    if manifest.task != "causal-lm":
+        if language_model is not None:
+            raise fail(f"language_model must be absent or null when task is '{manifest.task}'")
+        return
+    if language_model is None:
+        raise fail(
+            "language_model is missing; a causal-lm portfolio needs it "
+            "(tokenizer, bos_token_id, eos_token_id, context_length)"
+        )
+    if manifest.inputs[0].dtype != "int64":
+        raise fail(
+            f"inputs[0] ('{manifest.inputs[0].name}') must be int64 token ids for a causal-lm portfolio, "
+            f"got {manifest.inputs[0].dtype}"
+        )
+    vocab = manifest.outputs[0].shape[-1] if manifest.outputs[0].shape else -1
+    for key in ("bos_token_id", "eos_token_id"):
+        token_id = getattr(language_model, key)
+        if token_id is not None and vocab > 0 and token_id >= vocab:
+            raise fail(f"language_model.{key} {token_id} is outside the vocabulary (outputs[0] has {vocab} logits)")
+    if language_model.tokenizer is not None:
+        reason = relpath_problem(language_model.tokenizer.path)
+        if reason:
+            raise fail(f"language_model.tokenizer.path '{language_model.tokenizer.path}' {reason}")
 
 
 def relpath_problem(relpath: str) -> str | None:

@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from agent.manifest import (
-    FORMATS, LAYOUTS, MANIFEST_FILE, METHODS, SAMPLES_FILE, SCHEMA, TASKS, VARIANT_ID, Manifest, ModelFile,
-    PortfolioError, Preprocessing, TensorSpec, Variant, relpath_problem,
+    FORMATS, LAYOUTS, MANIFEST_FILE, METHODS, SAMPLES_FILE, SCHEMA, TASKS, VARIANT_ID, LanguageModel, Manifest,
+    ModelFile, PortfolioError, Preprocessing, TensorSpec, TokenizerFile, Variant, relpath_problem,
 )
 
 __all__ = [  # the contract's names, whichever module defines them
-    "FORMATS", "LAYOUTS", "MANIFEST_FILE", "METHODS", "SAMPLES_FILE", "SCHEMA", "TASKS", "VARIANT_ID", "Manifest",
-    "ModelFile", "Portfolio", "PortfolioError", "Preprocessing", "Samples", "TensorSpec", "Variant", "file_entry",
-    "save_samples", "sha256_file", "write_manifest",
+    "FORMATS", "LAYOUTS", "MANIFEST_FILE", "METHODS", "SAMPLES_FILE", "SCHEMA", "TASKS", "VARIANT_ID",
+    "LanguageModel", "Manifest", "ModelFile", "Portfolio", "PortfolioError", "Preprocessing", "Samples",
+    "TensorSpec", "TokenizerFile", "Variant", "file_entry", "save_samples", "sha256_file", "tokenizer_entry",
+    "write_manifest",
 ]
 
 _CHUNK = 1 << 20
@@ -36,17 +37,28 @@ class Samples:
     expected: dict[str, np.ndarray]  # variant id -> expected first output
 
 
+def _listed_files(manifest: Manifest) -> list[tuple[str, ModelFile | TokenizerFile]]:
+    """Every file the manifest lists, with what it is (for messages)."""
+    listed = [
+        (f"variant '{variant.id}' {fmt} file", entry)
+        for variant in manifest.variants
+        for fmt, entry in variant.files.items()
+    ]
+    if manifest.language_model is not None and manifest.language_model.tokenizer is not None:
+        listed.append(("tokenizer file", manifest.language_model.tokenizer))
+    return listed
+
+
 def _check_containment(root: Path, manifest: Manifest) -> None:
     """Symlinks (in the file or any parent directory) must not lead outside the root."""
     real_root = root.resolve()
-    for variant in manifest.variants:
-        for fmt, entry in variant.files.items():
-            target = (root / entry.path).resolve()
-            if not target.is_relative_to(real_root):
-                raise PortfolioError(
-                    f"{entry.path}: variant '{variant.id}' {fmt} file resolves outside the portfolio "
-                    f"directory (to {target}); portfolio files must stay inside it"
-                )
+    for what, entry in _listed_files(manifest):
+        target = (root / entry.path).resolve()
+        if not target.is_relative_to(real_root):
+            raise PortfolioError(
+                f"{entry.path}: {what} resolves outside the portfolio "
+                f"directory (to {target}); portfolio files must stay inside it"
+            )
 
 
 # --------------------------------------------------------------------------- writing
@@ -77,6 +89,12 @@ def file_entry(
         max_abs_diff=float(max_abs_diff),
         input_shape=None if input_shape is None else [int(dim) for dim in input_shape],
     )
+
+
+def tokenizer_entry(root: Path, relpath: str) -> TokenizerFile:
+    """The manifest entry (checksum and size) for the tokenizer file root/relpath."""
+    entry = file_entry(root, relpath, max_abs_diff=0.0)
+    return TokenizerFile(path=entry.path, sha256=entry.sha256, bytes=entry.bytes)
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -173,10 +191,17 @@ class Portfolio:
         manifest = Manifest.from_dict(data)
         _check_containment(root, manifest)
         if verify:
-            for variant in manifest.variants:
-                for entry in variant.files.values():
-                    _verify_file(root, entry)
+            for _, entry in _listed_files(manifest):
+                _verify_file(root, entry)
         return cls(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest())
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The tokenizer.json a causal-lm portfolio ships, or None (token ids only)."""
+        language_model = self.manifest.language_model
+        if language_model is None or language_model.tokenizer is None:
+            return None
+        return self.root / language_model.tokenizer.path
 
     def file_path(self, variant_id: str, fmt: str = "onnx") -> Path:
         variant = self.manifest.variant(variant_id)
@@ -213,7 +238,7 @@ class Portfolio:
         return Samples(inputs=inputs, expected=expected)
 
 
-def _verify_file(root: Path, entry: ModelFile) -> None:
+def _verify_file(root: Path, entry: ModelFile | TokenizerFile) -> None:
     path = root / entry.path
     if not path.is_file():
         raise PortfolioError(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +70,22 @@ class _Resident:
             close = self._in_flight == 0
         if close:
             self.session.close()
+
+
+class HeldVariant:
+    """One variant kept for a sequence of requests (a generation's steps): swaps go on meanwhile,
+    and the variant stays loaded until the hold ends."""
+
+    def __init__(self, runtime: Runtime, resident: _Resident):
+        self._runtime = runtime
+        self._resident = resident
+
+    @property
+    def variant(self) -> str:
+        return self._resident.variant_id
+
+    def infer(self, inputs: np.ndarray | list[np.ndarray]) -> InferResult:
+        return self._runtime._run(self._resident, self._runtime.validate(inputs))
 
 
 class Runtime:
@@ -154,20 +172,36 @@ class Runtime:
 
     def infer(self, inputs: np.ndarray | list[np.ndarray]) -> InferResult:
         arrays = self.validate(inputs)
+        with self._entered() as resident:
+            return self._run(resident, arrays)
+
+    @contextmanager
+    def hold(self) -> Iterator[HeldVariant]:
+        """The active variant, kept for every request made through it until the block ends."""
+        with self._entered() as resident:
+            yield HeldVariant(self, resident)
+
+    @contextmanager
+    def _entered(self) -> Iterator[_Resident]:
         while True:
             resident = self._active
             if resident is None:
                 raise RuntimeError("the runtime has not been started")
             if resident.enter():
                 break  # retired between the read and enter: read the new active one
+        try:
+            yield resident
+        finally:
+            resident.leave()
+
+    def _run(self, resident: _Resident, arrays: list[np.ndarray]) -> InferResult:
+        """One request on a resident the caller has entered; its latency counts toward the variant's window."""
         started = time.perf_counter()
         try:
             outputs = resident.session.run(arrays)
         except Exception:
             self.windows[resident.variant_id].add_error()
             raise
-        finally:
-            resident.leave()
         latency_ms = (time.perf_counter() - started) * 1000
         self.windows[resident.variant_id].add(latency_ms)
         self.served += 1
@@ -186,6 +220,9 @@ class Runtime:
             batch = array.shape[0]
         if not 1 <= batch <= self.max_batch:
             raise InferenceError(f"batch size must be between 1 and {self.max_batch}, got {batch}")
+        if self.manifest.language_model is not None:
+            _check_token_ids(arrays[0], specs[0].name, vocab_size(self.manifest.outputs[0]),
+                             self.manifest.language_model.context_length)
         return [np.ascontiguousarray(a) for a in arrays]
 
     def close(self) -> None:
@@ -200,11 +237,30 @@ def _check_tensor(array: np.ndarray, spec: TensorSpec) -> None:
     if not isinstance(array, np.ndarray):
         raise InferenceError(f"input '{spec.name}' must be a numpy array, got {type(array).__name__}")
     if array.dtype != np.dtype(spec.dtype):
-        raise InferenceError(f"input '{spec.name}' must be {spec.dtype}, got {array.dtype}")
+        what = " token ids" if spec.dtype == "int64" else ""
+        raise InferenceError(f"input '{spec.name}' must be {spec.dtype}{what}, got {array.dtype}")
     expected = spec.shape
     if array.ndim != len(expected) or any(e != -1 and e != a for e, a in zip(expected[1:], array.shape[1:])):
         shown = ["N" if d == -1 else str(d) for d in expected]
         raise InferenceError(f"input '{spec.name}' must have shape [{', '.join(shown)}], got {list(array.shape)}")
+    if 0 in array.shape[1:]:
+        raise InferenceError(f"input '{spec.name}' is empty (shape {list(array.shape)})")
+
+
+def vocab_size(logits: TensorSpec) -> int | None:
+    """How many tokens a causal LM's logits cover (their last dimension), None when dynamic."""
+    return logits.shape[-1] if logits.shape and logits.shape[-1] > 0 else None
+
+
+def _check_token_ids(ids: np.ndarray, name: str, vocab: int | None, context_length: int) -> None:
+    if ids.shape[-1] > context_length:
+        raise InferenceError(f"input '{name}' has {ids.shape[-1]} tokens, more than the model's context of "
+                             f"{context_length}; send the last {context_length}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        bound = f"[0, {vocab})" if vocab is not None else ">= 0"
+        raise InferenceError(f"input '{name}' must hold token ids in {bound}, got {bad}")
 
 
 def health_check(runtime: Runtime, variant: Variant, sample_inputs: list[np.ndarray], expected: np.ndarray) -> str | None:

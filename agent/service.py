@@ -15,12 +15,14 @@ import numpy as np
 
 from agent.backends import BackendError, get_backend
 from agent.bench import bench_variants, load_bench, save_bench, store_path
+from agent.generate import DEFAULT_MAX_NEW_TOKENS, Generation, generate
 from agent.monitor import ResourceMonitor, Snapshot, thermal_state
 from agent.policy import Candidate, Decision, Observation, Policy, PolicySettings
 from agent.portfolio import Portfolio, PortfolioError
 from agent.profiles import DeviceProfile
-from agent.runtime import InferResult, Runtime, health_check, memory_estimate_mb
+from agent.runtime import InferenceError, InferResult, Runtime, health_check, memory_estimate_mb
 from agent.stats import LatencySummary
+from agent.tokenizer import TextCodec, optional_codec, prompt_ids
 
 log = logging.getLogger("edgeshift.agent")
 
@@ -45,6 +47,7 @@ class _Serving:
     bench: dict[str, LatencySummary]
     unhealthy: dict[str, str]
     canary: list[np.ndarray]        # one health-check input at batch 1: for warm-up, watchdog and bench
+    codec: TextCodec | None         # text in and out of a causal LM; None: token ids only
 
 
 class Agent:
@@ -76,6 +79,7 @@ class Agent:
         self.unhealthy: dict[str, str] = {}
         self.bench: dict[str, LatencySummary] = {}
         self.canary: list[np.ndarray] = []
+        self.codec: TextCodec | None = None
         self.last_decision: Decision | None = None
         self.last_snapshot: Snapshot | None = None
         self.runtime: Runtime | None = None
@@ -106,6 +110,7 @@ class Agent:
 
     def _prepare(self, portfolio: Portfolio) -> _Serving:
         samples = portfolio.samples()
+        codec = optional_codec(portfolio.tokenizer_path)  # a broken tokenizer.json refuses the portfolio here
         probe = Runtime(portfolio, self.backend, self.threads, preload="lazy", max_batch=self.max_batch)
         unhealthy = {}
         for variant in portfolio.manifest.variants:
@@ -133,12 +138,12 @@ class Agent:
         runtime = Runtime(portfolio, self.backend, self.threads, self.preload, self.max_batch, order)
         runtime.start(self._initial_variant(portfolio, policy, order))
         runtime.infer(canary)  # warm the first request's path
-        return _Serving(portfolio, runtime, policy, bench, unhealthy, canary)
+        return _Serving(portfolio, runtime, policy, bench, unhealthy, canary, codec)
 
     def _adopt(self, serving: _Serving) -> None:
         self.portfolio, self.manifest, self.name = serving.portfolio, serving.portfolio.manifest, serving.portfolio.manifest.name
         self.policy, self.bench, self.unhealthy = serving.policy, serving.bench, serving.unhealthy
-        self.canary = serving.canary
+        self.canary, self.codec = serving.canary, serving.codec
         self.runtime = serving.runtime  # the one reference requests read: the swap
         self._save_state()
 
@@ -171,6 +176,29 @@ class Agent:
         result = self._runtime().infer(batch)
         self._progress_at = time.monotonic()
         return result
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 on_step: Callable[[int, int], None] | None = None) -> Generation:
+        """Greedy generation on a causal-lm portfolio, answered by one variant from start to end.
+
+        A text prompt needs the portfolio's tokenizer; the answer then carries the new text too.
+        """
+        runtime = self._runtime()  # read once: a deploy meanwhile does not change this generation's portfolio
+        portfolio, codec = runtime.portfolio, self.codec
+        language_model = portfolio.manifest.language_model
+        if language_model is None:
+            raise InferenceError(f"generate needs a causal-lm portfolio; '{self.name}' is a "
+                                 f"{portfolio.manifest.task} model: use infer")
+        ids = prompt_ids(prompt, portfolio.tokenizer_path, codec)
+
+        def step_done(step: int, token: int) -> None:
+            self._progress_at = time.monotonic()
+            if on_step is not None:
+                on_step(step, token)
+
+        result = generate(runtime, ids, max_new_tokens, language_model.eos_token_id, language_model.context_length,
+                          on_step=step_done)
+        return result if codec is None else replace(result, text=codec.decode(result.new_ids))
 
     @property
     def active(self) -> str:

@@ -136,3 +136,10 @@ def test_metrics_are_prometheus_text(served):
     assert f'edgeshift_active_variant{{variant="{agent.active}"}} 1' in text
     assert 'edgeshift_latency_ms{variant="' in text and 'quantile="0.95"' in text
     assert "edgeshift_ready 1" in text and "edgeshift_cpu_percent" in text
+
+
+def test_generate_on_a_classification_model_is_400_with_the_reason(served):
+    agent, server = served
+    status, reply = call(server, "POST", f"/v2/models/{agent.name}/generate", {"text_input": "hello"})
+    assert status == 400 and "generate needs a causal-lm portfolio" in reply["error"]
+    assert call(server, "GET", "/v2")[1]["extensions"] == []  # no generate extension to announce

@@ -10,16 +10,19 @@ import pytest
 
 from agent.portfolio import (
     SCHEMA,
+    LanguageModel,
     Manifest,
     ModelFile,
     Portfolio,
     PortfolioError,
     Preprocessing,
     TensorSpec,
+    TokenizerFile,
     Variant,
     file_entry,
     save_samples,
     sha256_file,
+    tokenizer_entry,
     write_manifest,
 )
 
@@ -365,3 +368,121 @@ def test_the_agent_package_import_stays_light():
     code = "import agent, sys; assert 'onnxruntime' not in sys.modules and 'numpy' not in sys.modules"
 
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# --------------------------------------------------------------------------- causal-lm portfolios
+
+
+def make_lm_manifest(root: Path, tokenizer: bool = True) -> Manifest:
+    """A causal-lm manifest over fake files: the contract reads neither ONNX nor tokenizer.json."""
+    variant = make_variant(root, "dense")
+    variant.metrics = {"perplexity": 17.5, "dataset": "test.txt", "n": 2048, "context": 256}
+    if tokenizer:
+        (root / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    return Manifest(
+        name="smollm2-135m",
+        task="causal-lm",
+        inputs=[TensorSpec("input_ids", "int64", [-1, -1])],
+        outputs=[TensorSpec("logits", "float32", [-1, -1, 49152])],
+        variants=[variant],
+        default_variant="dense",
+        language_model=LanguageModel(
+            tokenizer=tokenizer_entry(root, "tokenizer.json") if tokenizer else None,
+            bos_token_id=1, eos_token_id=2, context_length=256,
+        ),
+    )
+
+
+def test_a_causal_lm_manifest_round_trips_its_language_model(tmp_path):
+    manifest = make_lm_manifest(tmp_path)
+    write_manifest(tmp_path, manifest)
+
+    portfolio = Portfolio.open(tmp_path)
+
+    assert portfolio.manifest == manifest
+    assert portfolio.tokenizer_path == tmp_path / "tokenizer.json"
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["language_model"]["tokenizer"]["path"] == "tokenizer.json"
+    assert data["language_model"]["context_length"] == 256
+
+
+def test_a_causal_lm_portfolio_may_ship_no_tokenizer(tmp_path):
+    write_manifest(tmp_path, make_lm_manifest(tmp_path, tokenizer=False))
+
+    portfolio = Portfolio.open(tmp_path)
+
+    assert portfolio.manifest.language_model.tokenizer is None and portfolio.tokenizer_path is None
+
+
+def test_a_classification_portfolio_has_a_null_language_model(tmp_path):
+    write_portfolio(tmp_path)
+
+    assert json.loads((tmp_path / "manifest.json").read_text())["language_model"] is None
+    assert Portfolio.open(tmp_path).tokenizer_path is None
+
+
+def test_tokenizer_entry_records_size_and_checksum(tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(b"abc")
+
+    entry = tokenizer_entry(tmp_path, "tokenizer.json")
+
+    assert entry == TokenizerFile(
+        path="tokenizer.json",
+        sha256="ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        bytes=3,
+    )
+
+
+def test_a_changed_or_missing_tokenizer_is_refused(tmp_path):
+    write_manifest(tmp_path, make_lm_manifest(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPF"}}')
+    with pytest.raises(PortfolioError, match="tokenizer.json: sha256 differs from the manifest"):
+        Portfolio.open(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(PortfolioError, match="tokenizer.json: missing"):
+        Portfolio.open(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda data: data.pop("language_model"), "language_model is missing; a causal-lm portfolio needs it"),
+    (lambda data: data.update(language_model=None), "language_model is missing"),
+    (lambda data: data["language_model"].pop("eos_token_id"), "language_model.eos_token_id is missing"),
+    (lambda data: data["language_model"].update(context_length=0), "language_model.context_length must be at least 1"),
+    (lambda data: data["language_model"].update(bos_token_id=-1), "language_model.bos_token_id must not be negative"),
+    (lambda data: data["language_model"].update(eos_token_id=49152), "eos_token_id 49152 is outside the vocabulary"),
+    (lambda data: data["language_model"].update(eos_token_id="2"), "language_model.eos_token_id must be an integer"),
+    (lambda data: data["language_model"]["tokenizer"].update(path="../tokenizer.json"),
+     "language_model.tokenizer.path '../tokenizer.json' escapes the portfolio directory"),
+    (lambda data: data["language_model"]["tokenizer"].pop("sha256"), "language_model.tokenizer.sha256 is missing"),
+    (lambda data: data["inputs"][0].update(dtype="float32"),
+     "inputs[0] ('input_ids') must be int64 token ids for a causal-lm portfolio, got float32"),
+])
+def test_a_bad_language_model_is_refused_naming_the_field(tmp_path, edit, message):
+    write_manifest(tmp_path, make_lm_manifest(tmp_path))
+    edit_manifest(tmp_path, edit)
+
+    with pytest.raises(PortfolioError) as error:
+        Portfolio.open(tmp_path)
+    assert str(error.value).startswith("manifest.json: ") and message in str(error.value)
+
+
+def test_a_classification_portfolio_must_not_carry_a_language_model(tmp_path):
+    write_portfolio(tmp_path)
+    edit_manifest(tmp_path, lambda data: data.update(language_model={
+        "tokenizer": None, "bos_token_id": None, "eos_token_id": None, "context_length": 8}))
+
+    with pytest.raises(PortfolioError, match="language_model must be absent or null when task is 'classification'"):
+        Portfolio.open(tmp_path)
+
+
+def test_a_tokenizer_symlink_leading_outside_is_refused(tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"model": {"type": "BPE"}}')
+    root = tmp_path / "portfolio"
+    root.mkdir()
+    write_manifest(root, make_lm_manifest(root))
+    (root / "tokenizer.json").unlink()
+    (root / "tokenizer.json").symlink_to(outside)
+
+    with pytest.raises(PortfolioError, match="tokenizer.json: tokenizer file resolves outside the portfolio"):
+        Portfolio.open(root)
