@@ -2,9 +2,13 @@
 
 For each group of coupled conv filters (one conv in a plain network; every conv feeding the same
 residual sum in a ResNet stage) the unstructured mask keeps some share d of the weights. The
-structured alternative keeps ceil(d * filters) whole filters, chosen by their summed scores, at
-the same density. Sensitivity = 1 - (score the structured choice keeps) / (score the unstructured
-mask keeps): near 0 when a few filters already hold the layer's score, near 1 when it is spread.
+structured alternative keeps whole filters, chosen by their summed scores, at the same density:
+a layer whose outputs and inputs both shrink to a share r keeps r^2 of its weights, so it keeps
+r = sqrt(d) of its filters. (ceil(d * filters) would hold the density only if the inputs did not
+shrink; at d = 1/64 it leaves a 512-filter layer 8 filters, a bottleneck no training recovers.)
+Sensitivity = 1 - (score the structured choice keeps) / (score the unstructured mask keeps), the
+structured score counting the sqrt(d) share of each kept filter's inputs that survive: near 0
+when a few filters already hold the layer's score, near 1 when it is spread over many.
 """
 from __future__ import annotations
 
@@ -68,10 +72,10 @@ def _evaluate(convs: list[str], filters: int, masks: Masks, scores: dict[str, to
     kept = sum(int(masks.ranked[w].sum()) for w in weights)
     total = sum(masks.ranked[w].numel() for w in weights)
     density = kept / total
-    keep = max(1, min(filters, math.ceil(density * filters)))
+    keep = max(1, min(filters, math.ceil(math.sqrt(density) * filters)))
     filter_scores = sum(shifted[w].flatten(1).sum(dim=1) for w in weights)
     unstructured = sum(float((shifted[w] * masks.ranked[w]).sum()) for w in weights)
-    structured = float(torch.topk(filter_scores, keep).values.sum())
+    structured = math.sqrt(density) * float(torch.topk(filter_scores, keep).values.sum())
     sensitivity = 1.0 - structured / unstructured if unstructured > 0 else 0.0
     return FilterGroup(root=convs[0], convs=convs, filters=filters, density=density, keep=keep,
                        filter_scores=filter_scores, sensitivity=sensitivity)
