@@ -49,6 +49,8 @@ def _train(args) -> int:
 def _portfolio(args) -> int:
     if args.method == "pai":
         return _pai_portfolio(args)
+    if args.method == "mosaic":
+        return _mosaic_portfolio(args)
     from exporter.pipeline import PortfolioSpec, build_portfolio
     from exporter.pruning.imp import ImpConfig
 
@@ -79,6 +81,29 @@ def _pai_portfolio(args) -> int:
                    calibration_size=args.calibration_size, tflite=not args.no_tflite, name=args.name,
                    force=args.force, progress=not args.quiet)
     manifest = build_pai_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+    print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _mosaic_portfolio(args) -> int:
+    from exporter.llm.pipeline import MosaicSpec, build_mosaic_portfolio
+    from exporter.llm.unstructured import UnstructuredConfig
+    from exporter.models import DEFAULT_MODEL
+
+    if args.calib is None or args.eval is None:
+        raise ExportError("--method mosaic needs --calib and --eval: text files to calibrate on and to measure "
+                          "perplexity on (e.g. WikiText-2's valid.txt and test.txt)")
+    if args.model == DEFAULT_MODEL:
+        raise ExportError("--method mosaic needs --model: a local Hugging Face checkpoint directory or a .gguf file")
+    sparsities = tuple(args.sparsities or (0.5,))
+    spec = MosaicSpec(
+        out=args.out, model=Path(args.model), calib=args.calib, eval=args.eval, sparsities=sparsities,
+        composite_ratio=args.composite_ratio, baselines=args.baselines,
+        unstructured=UnstructuredConfig(sparsity=sparsities[0], m=args.outlier_m, lam=args.lam, pruner=args.pruner),
+        context=args.context, calib_windows=args.calib_windows, eval_windows=args.eval_windows, seed=args.seed,
+        checkpoints=args.checkpoints, name=args.name, force=args.force)
+    manifest = build_mosaic_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     print(f"report: {args.out / 'report.md'}")
     return 0
@@ -141,7 +166,19 @@ def _densities(text: str) -> list[float]:
     return densities
 
 
+def _sparsities(text: str) -> list[float]:
+    try:
+        sparsities = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsities must be comma-separated numbers like 0.5,0.7, got {text!r}")
+    if not sparsities or any(not 0 <= s < 1 for s in sparsities):
+        raise argparse.ArgumentTypeError(f"every sparsity must be in [0, 1), got {text!r}")
+    return sparsities
+
+
 def _parser() -> argparse.ArgumentParser:
+    from exporter.llm.pipeline import MosaicSpec
+    from exporter.llm.unstructured import UnstructuredConfig
     from exporter.models import DEFAULT_MODEL
     from exporter.pai.pipeline import PaiSpec
     from exporter.pai.reconvene import ReconveneConfig
@@ -173,9 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     portfolio = commands.add_parser("portfolio", help="prune, shrink, export and check: a portfolio directory")
     model_and_data(portfolio)
     portfolio.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
-    portfolio.add_argument("--method", choices=("dnnshifter", "pai"), default="dnnshifter",
+    portfolio.add_argument("--method", choices=("dnnshifter", "pai", "mosaic"), default="dnnshifter",
                            help="dnnshifter: IMP with rewinding, then the exact structured step (default); "
-                                "pai: Reconvene's structured pruning at initialization")
+                                "pai: Reconvene's structured pruning at initialization; "
+                                "mosaic: composite projection pruning of a LLaMA-style causal LM (--model PATH)")
     portfolio.add_argument("--checkpoint", type=Path, help="dense weights to start from instead of training")
     portfolio.add_argument("--imp-levels", type=int, default=ImpConfig.levels, help="IMP levels trained after the dense one")
     portfolio.add_argument("--level-epochs", type=int, default=ImpConfig.level_epochs, help="retraining epochs per IMP level")
@@ -191,6 +229,20 @@ def _parser() -> argparse.ArgumentParser:
     pai.add_argument("--structured-share", type=float, default=ReconveneConfig.structured_share,
                      help="share of conv layers, least sensitive first, made structured")
     pai.add_argument("--synflow-rounds", type=int, default=ReconveneConfig.synflow_rounds, help="SynFlow's pruning rounds")
+    mosaic = portfolio.add_argument_group("mosaic options (--model is a checkpoint directory or .gguf file)")
+    mosaic.add_argument("--calib", type=Path, help="calibration text file")
+    mosaic.add_argument("--eval", type=Path, help="held-out text file for perplexity")
+    mosaic.add_argument("--sparsities", type=_sparsities, help="projection sparsities in [0, 1), e.g. 0.5,0.7 (default 0.5)")
+    mosaic.add_argument("--composite-ratio", type=float, default=MosaicSpec.composite_ratio,
+                        help="share of attention heads and MLP neurons the composite variants remove")
+    mosaic.add_argument("--baselines", action="store_true", help="also global (uniform Wanda) and layer (OWL) variants")
+    mosaic.add_argument("--pruner", default=UnstructuredConfig.pruner, help="wanda or sparsegpt")
+    mosaic.add_argument("--outlier-m", type=float, default=UnstructuredConfig.m, help="outlier threshold M, times the mean score")
+    mosaic.add_argument("--lam", type=float, default=UnstructuredConfig.lam, help="how far a projection's ratio may stray from the target")
+    mosaic.add_argument("--context", type=int, default=MosaicSpec.context, help="tokens per calibration and evaluation window")
+    mosaic.add_argument("--calib-windows", type=int, default=MosaicSpec.calib_windows)
+    mosaic.add_argument("--eval-windows", type=int, default=MosaicSpec.eval_windows)
+    mosaic.add_argument("--checkpoints", type=Path, help="also save each pruned model here (a loadable checkpoint)")
     pai.add_argument("--calibration-size", type=int, default=PaiSpec.calibration_size, help="images SNIP and GraSP score on")
     portfolio.set_defaults(run=_portfolio)
 

@@ -81,7 +81,9 @@ def _runner(path: Path, sample: np.ndarray, threads: int | None):
 
 
 def _batch_one(sample: np.ndarray) -> np.ndarray:
-    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    sample = np.ascontiguousarray(sample)
+    if sample.dtype.kind == "f":
+        sample = sample.astype(np.float32, copy=False)  # token ids (int64) stay as they are
     if sample.ndim == 0 or sample.shape[0] != 1:
         raise ExportError(f"latency sample must have batch 1, got shape {list(sample.shape)}: pass inputs[:1]")
     return sample
