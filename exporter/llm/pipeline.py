@@ -42,7 +42,7 @@ class MosaicSpec:
     calib: Path
     eval: Path
     sparsities: tuple[float, ...] = (0.5,)
-    composite_ratio: float = 0.2      # share of heads and neurons the composite variants remove first
+    composite_ratio: float = 0.1      # share of heads and neurons the composite variants remove first (heads hurt most)
     baselines: bool = False           # add mosaic-global and mosaic-layer variants
     unstructured: UnstructuredConfig = field(default_factory=lambda: UnstructuredConfig(sparsity=0.5))
     context: int = 256

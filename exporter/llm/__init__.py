@@ -1,0 +1,1 @@
+"""Mosaic: composite projection pruning for LLaMA-style causal LMs."""
