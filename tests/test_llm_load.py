@@ -1,6 +1,4 @@
 """Loading a causal LM for Mosaic, and cutting a text corpus into token windows."""
-import sys
-import types
 
 import pytest
 import torch
@@ -86,18 +84,21 @@ def test_a_garbage_gguf_file_gives_one_line_naming_the_file(tmp_path):
     assert "\n" not in str(caught.value)
 
 
-def test_a_pruned_model_directory_is_loaded_by_the_structure_module(tmp_path, monkeypatch):
-    (tmp_path / "edgeshift_layers.json").write_text("{}")
+def test_a_pruned_model_directory_loads_back_at_its_own_sizes_with_its_tokenizer(tmp_path):
+    from exporter.llm.checkpoint import save_pruned
+    from exporter.llm.structure import layer_shapes, shrink_layer
+
+    model = tiny_llama()
+    norms = {name: torch.ones(linear.in_features) for name, linear in projections(decoder_layers(model)[0]).items()}
+    shrink_layer(decoder_layers(model)[0], norms, 0.5)
+    save_pruned(model, tmp_path)
     word_tokenizer().save_pretrained(tmp_path)
-    asked = []
-    fake = types.ModuleType("exporter.llm.structure")
-    fake.load_pruned = lambda path: asked.append(path) or tiny_llama()
-    monkeypatch.setitem(sys.modules, "exporter.llm.structure", fake)
 
-    model, tokenizer = load_causal_lm(tmp_path)
+    loaded, tokenizer = load_causal_lm(tmp_path)
 
-    assert asked == [tmp_path]
-    assert isinstance(model, LlamaForCausalLM) and tokenizer is not None
+    assert layer_shapes(loaded) == layer_shapes(model) and tokenizer is not None
+    ids = torch.randint(0, 256, (1, 9))
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_evaluation_windows_are_the_first_consecutive_ones():

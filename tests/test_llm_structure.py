@@ -12,15 +12,8 @@ transformers = pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 
 from exporter.errors import ExportError  # noqa: E402
-from exporter.llm.structure import (  # noqa: E402
-    LAYERS_FILE,
-    PROJECTIONS,
-    layer_shapes,
-    load_pruned,
-    remove_dead_structure,
-    save_pruned,
-    shrink_layer,
-)
+from exporter.llm.checkpoint import LAYERS_FILE, load_pruned, save_pruned  # noqa: E402
+from exporter.llm.structure import PROJECTIONS, layer_shapes, remove_dead_structure, shrink_layer  # noqa: E402
 
 EXACT = 1e-4
 HEAD_DIM = 16  # hidden 64 / 4 heads; heads 0,1 read KV group 0 and heads 2,3 read group 1

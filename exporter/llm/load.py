@@ -9,7 +9,7 @@ import torch.nn as nn
 from exporter.errors import ExportError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRUNED_MODEL_MARKER = "edgeshift_layers.json"  # written by exporter.llm.structure.save_pruned
+PRUNED_MODEL_MARKER = "edgeshift_layers.json"  # written by exporter.llm.checkpoint.save_pruned
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -17,7 +17,7 @@ def load_causal_lm(path: Path) -> tuple[nn.Module, object | None]:
     """The model (float32, eval mode) and its tokenizer, from local files only, never the hub.
 
     `path` is a checkpoint directory (config.json + weights), a directory written by
-    `exporter.llm.structure.save_pruned`, or a `.gguf` file. The tokenizer is None when a checkpoint
+    `exporter.llm.checkpoint.save_pruned`, or a `.gguf` file. The tokenizer is None when a checkpoint
     directory holds no tokenizer files.
     """
     path = Path(path)
@@ -28,7 +28,7 @@ def load_causal_lm(path: Path) -> tuple[nn.Module, object | None]:
             raise ExportError(f"model {path} is a file but not a .gguf: give a .gguf file or a checkpoint directory")
         model, tokenizer = _load_gguf(path)
     elif (path / PRUNED_MODEL_MARKER).exists():
-        from exporter.llm.structure import load_pruned
+        from exporter.llm.checkpoint import load_pruned
 
         model, tokenizer = load_pruned(path), _load_tokenizer(path)
     else:

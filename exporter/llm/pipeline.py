@@ -25,7 +25,8 @@ from exporter.llm.corpus import read_corpus, token_windows
 from exporter.llm.evaluate import latency_per_token_ms, nonzero_count, parameter_count, perplexity, weights_bytes
 from exporter.llm.load import load_causal_lm
 from exporter.llm.onnx_export import export_causal_lm_onnx
-from exporter.llm.structure import layer_shapes, remove_dead_structure, save_pruned, shrink_layer
+from exporter.llm.checkpoint import save_pruned
+from exporter.llm.structure import layer_shapes, remove_dead_structure, shrink_layer
 from exporter.llm.unstructured import PruneReport, UnstructuredConfig, prune_unstructured
 from exporter.report import write_report
 from exporter.versions import exporter_versions
