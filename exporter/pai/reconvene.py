@@ -27,7 +27,7 @@ from exporter.pruning.masks import Masks, prunable_weights
 class ReconveneConfig:
     scorer: str = "synflow"
     structured_share: float = 0.5   # share of the ranked conv groups converted to structured
-    synflow_rounds: int = 100
+    synflow_rounds: int = 10        # the paper uses 100; 10 keeps VGG-16 generation under 5 s on 2 cores
     seed: int = 0
 
     def validate(self) -> None:

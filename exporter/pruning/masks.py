@@ -69,15 +69,23 @@ def keep_top_scores(scores: dict[str, torch.Tensor], keep: int, among: Masks | N
     low, high = torch.aminmax(flat)
     if not (torch.isfinite(low) and torch.isfinite(high)):  # nan propagates into both
         raise ValueError("pruning scores are not all finite (nan or inf); the scorer overflowed")
-    available = flat.numel()
-    if among is not None:
-        candidates = torch.cat([among.ranked[n].flatten() for n in names])
-        available = int(candidates.sum())
-        flat = flat.masked_fill(~candidates, -torch.inf)
-    if not 0 <= keep <= available:
-        raise ValueError(f"cannot keep {keep} of {available} weights")
-    kept = torch.zeros(flat.numel(), dtype=torch.bool)
-    kept[torch.topk(flat, keep, sorted=False).indices] = True
+    if among is None:
+        kept, index, values = torch.ones_like(flat, dtype=torch.bool), None, flat
+    else:
+        kept = torch.cat([among.ranked[n].flatten() for n in names])
+        index = torch.nonzero(kept).flatten()
+        values = flat[index]
+    if not 0 <= keep <= values.numel():
+        raise ValueError(f"cannot keep {keep} of {values.numel()} weights")
+    # Select whichever side is smaller: top-k over millions of scores costs with k.
+    drop = values.numel() - keep
+    if keep < drop:
+        chosen = torch.topk(values, keep, sorted=False).indices
+        kept = torch.zeros_like(kept)
+        kept[chosen if index is None else index[chosen]] = True
+    elif drop > 0:
+        dropped = torch.topk(values, drop, largest=False, sorted=False).indices
+        kept[dropped if index is None else index[dropped]] = False
 
     ranked, offset = {}, 0
     for n in names:
