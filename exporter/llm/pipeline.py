@@ -30,7 +30,7 @@ from exporter.llm.structure import layer_shapes, remove_dead_structure, shrink_l
 from exporter.llm.unstructured import PruneReport, UnstructuredConfig, prune_unstructured
 from exporter.report import write_report
 from exporter.versions import exporter_versions
-from exporter.writer import check_output_dir, staged_output
+from exporter.writer import BuiltVariant, check_output_dir, staged_output
 
 METHOD_OF = {"global": "mosaic-global", "layer": "mosaic-layer", "projection": "mosaic-unstructured"}
 SAMPLE_SHAPE = (2, 16)    # health-check input_ids in samples.npz: 2 sequences of 16 tokens
@@ -55,12 +55,6 @@ class MosaicSpec:
     force: bool = False
 
 
-@dataclass
-class _Built:
-    variant: Variant
-    model: nn.Module
-
-
 def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
     check_output_dir(spec.out, spec.force)
     for sparsity in spec.sparsities:
@@ -77,7 +71,7 @@ def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
     metrics = lambda m: {"perplexity": perplexity(m, held_out), "dataset": spec.eval.name,
                          "n": held_out[:, 1:].numel(), "context": spec.context}
 
-    built = [_Built(_describe(model, "dense", "dense", None, 1.0, metrics(model), {}), model)]
+    built = [BuiltVariant(_describe(model, "dense", "dense", None, 1.0, metrics(model), {}), model)]
     log(f"dense: perplexity {built[0].variant.metrics['perplexity']:.2f} on {held_out.numel()} tokens")
     granularities = ("global", "layer", "projection") if spec.baselines else ("projection",)
     for sparsity in spec.sparsities:
@@ -86,7 +80,7 @@ def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
             pruned = copy.deepcopy(model)
             report = prune_unstructured(pruned, calib, replace(config, granularity=granularity))
             variant_id = f"{METHOD_OF[granularity]}-s{round(sparsity * 100)}"
-            built.append(_Built(_describe(pruned, variant_id, METHOD_OF[granularity], "dense", 1 - report.overall,
+            built.append(BuiltVariant(_describe(pruned, variant_id, METHOD_OF[granularity], "dense", 1 - report.overall,
                                           metrics(pruned), _details(report, granularity, config)), pruned))
             log(_line(built[-1].variant, report))
         built.append(_composite(model, calib, config, spec, metrics, log))
@@ -97,7 +91,7 @@ def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
 
 
 def _composite(model: nn.Module, calib: torch.Tensor, config: UnstructuredConfig, spec: MosaicSpec, metrics, log
-               ) -> _Built:
+               ) -> BuiltVariant:
     pruned = copy.deepcopy(model)
     shapes = []
     report = prune_unstructured(pruned, calib, config, on_layer=lambda stats: shapes.append(
@@ -109,7 +103,7 @@ def _composite(model: nn.Module, calib: torch.Tensor, config: UnstructuredConfig
                "layers": [shape.sizes() for shape in layer_shapes(pruned)]}
     variant_id = f"mosaic-composite-s{round(config.sparsity * 100)}"
     density = nonzero_count(pruned) / parameter_count(model)
-    built = _Built(_describe(pruned, variant_id, "mosaic-composite", "dense", density, metrics(pruned), details), pruned)
+    built = BuiltVariant(_describe(pruned, variant_id, "mosaic-composite", "dense", density, metrics(pruned), details), pruned)
     log(_line(built.variant, report))
     return built
 
@@ -140,7 +134,7 @@ def _line(variant: Variant, report: PruneReport) -> str:
             f"projection sparsity {report.overall:.3f}, pruned in {report.pass1_seconds + report.pass2_seconds:.1f} s")
 
 
-def _export(root: Path, name: str, tokenizer, dense: nn.Module, built: list[_Built], held_out: torch.Tensor,
+def _export(root: Path, name: str, tokenizer, dense: nn.Module, built: list[BuiltVariant], held_out: torch.Tensor,
             spec: MosaicSpec, log) -> Manifest:
     (root / "variants").mkdir()
     samples = held_out[:SAMPLE_SHAPE[0], :SAMPLE_SHAPE[1]].clone()
