@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agent.portfolio import Portfolio
-from exporter import pipeline
+from exporter import pipeline, writer
 from exporter.cli import main
 from exporter.errors import ExportError
 from exporter.export import load_tflite_interpreter
@@ -137,7 +137,7 @@ def test_non_empty_output_needs_force(tmp_path, capsys):
 def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise ExportError("onnx export failed for a reason")
-    monkeypatch.setattr(pipeline, "export_onnx", broken_export)
+    monkeypatch.setattr(writer, "export_onnx", broken_export)
     out = tmp_path / "portfolio"
 
     with pytest.raises(ExportError):

