@@ -145,35 +145,22 @@ def _train_config(args):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"levels must be comma-separated integers like 0,3,6, got {text!r}")
-    if not levels or min(levels) < 0:
-        raise argparse.ArgumentTypeError(f"levels must be non-negative integers, got {text!r}")
-    return levels
+def _comma_list(convert, plural: str, example: str, valid, rule: str):
+    """An argparse type for a comma-separated list, e.g. `--levels 0,3,6`, with one rule for every value."""
+    def parse(text: str) -> list:
+        try:
+            values = [convert(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{plural} must be comma-separated numbers like {example}, got {text!r}")
+        if not values or not all(valid(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+        return values
+    return parse
 
 
-def _densities(text: str) -> list[float]:
-    try:
-        densities = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"densities must be comma-separated numbers like 0.125,0.0625, got {text!r}")
-    bad = [d for d in densities if not 0 < d <= 1]
-    if not densities or bad:
-        raise argparse.ArgumentTypeError(f"every density must be in (0, 1], got {text!r}")
-    return densities
-
-
-def _sparsities(text: str) -> list[float]:
-    try:
-        sparsities = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsities must be comma-separated numbers like 0.5,0.7, got {text!r}")
-    if not sparsities or any(not 0 <= s < 1 for s in sparsities):
-        raise argparse.ArgumentTypeError(f"every sparsity must be in [0, 1), got {text!r}")
-    return sparsities
+_levels = _comma_list(int, "levels", "0,3,6", lambda v: v >= 0, "levels must be non-negative integers")
+_densities = _comma_list(float, "densities", "0.125,0.0625", lambda v: 0 < v <= 1, "every density must be in (0, 1]")
+_sparsities = _comma_list(float, "sparsities", "0.5,0.7", lambda v: 0 <= v < 1, "every sparsity must be in [0, 1)")
 
 
 def _parser() -> argparse.ArgumentParser:
