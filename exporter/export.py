@@ -42,7 +42,7 @@ def export_onnx(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, ato
     path = Path(path)
     _require_image_batch(check_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(model):
+    with eval_mode(model):
         expected = _torch_outputs(model, check_inputs)
 
         def export() -> None:
@@ -58,14 +58,14 @@ def export_onnx(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, ato
                 verbose=False,
             )
 
-        _run_quietly(
+        run_quietly(
             "ONNX export",
             path,
             export,
             hint="check that torch.export can trace the model (no data-dependent control flow)",
         )
 
-    session = _run_quietly(
+    session = run_quietly(
         "loading the exported ONNX model",
         path,
         lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
@@ -83,11 +83,11 @@ def export_onnx(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, ato
         return session.run([ONNX_OUTPUT_NAME], {ONNX_INPUT_NAME: batch})[0]
 
     hint = "the exported graph may not accept this batch size"
-    whole_batch = _run_quietly("running the ONNX model", path, lambda: run_onnx(inputs), hint=hint)
-    first_alone = _run_quietly("running the ONNX model at batch 1", path, lambda: run_onnx(inputs[:1]), hint=hint)
+    whole_batch = run_quietly("running the ONNX model", path, lambda: run_onnx(inputs), hint=hint)
+    first_alone = run_quietly("running the ONNX model at batch 1", path, lambda: run_onnx(inputs[:1]), hint=hint)
     return max(
-        _check(expected, whole_batch, atol, path, runtime="ONNX"),
-        _check(expected[:1], first_alone, atol, path, runtime="ONNX (batch 1)"),
+        check_outputs(expected, whole_batch, atol, path, runtime="ONNX"),
+        check_outputs(expected[:1], first_alone, atol, path, runtime="ONNX (batch 1)"),
     )
 
 
@@ -99,7 +99,7 @@ def export_tflite(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, a
     path = Path(path)
     _require_image_batch(check_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(model):
+    with eval_mode(model):
         expected = _torch_outputs(model, check_inputs)
 
         def convert() -> None:
@@ -111,7 +111,7 @@ def export_tflite(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, a
                 ) from error
             litert_torch.convert(model, (check_inputs[:1],)).export(str(path))
 
-        _run_quietly(
+        run_quietly(
             "TFLite conversion",
             path,
             convert,
@@ -130,8 +130,8 @@ def export_tflite(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, a
             outputs.append(interpreter.get_tensor(output_index).copy())
         return np.concatenate(outputs)
 
-    actual = _run_quietly("running the TFLite model", path, run_tflite, hint="re-run the export")
-    return _check(expected, actual, atol, path, runtime="TFLite")
+    actual = run_quietly("running the TFLite model", path, run_tflite, hint="re-run the export")
+    return check_outputs(expected, actual, atol, path, runtime="TFLite")
 
 
 def tflite_input_shape(path: Path) -> list[int]:
@@ -157,13 +157,15 @@ def load_tflite_interpreter(path: Path, num_threads: int | None = None) -> Any:
         interpreter.allocate_tensors()
         return interpreter
 
-    return _run_quietly("loading the TFLite model", Path(path), load, hint="check that the file is a TFLite model")
+    return run_quietly("loading the TFLite model", Path(path), load, hint="check that the file is a TFLite model")
 
 
-def _check(torch_out: np.ndarray, other_out: np.ndarray, atol: float, path: Path, *, runtime: str = "export") -> float:
+def check_outputs(torch_out: np.ndarray, other_out: np.ndarray, atol: float, path: Path, *, runtime: str = "export",
+                  relative: bool = True) -> float:
     """Max abs difference between torch's outputs and an export's; ExportError above tolerance.
 
-    The tolerance is atol * max(1, max |torch output|), so large logits are judged relatively.
+    The tolerance is atol * max(1, max |torch output|), so large logits are judged relatively;
+    with relative=False it is atol itself.
     """
     if torch_out.shape != other_out.shape:
         raise ExportError(
@@ -175,7 +177,7 @@ def _check(torch_out: np.ndarray, other_out: np.ndarray, atol: float, path: Path
     if torch_out.size == 0:
         return 0.0
     diff = float(np.max(np.abs(torch_out.astype(np.float64) - other_out.astype(np.float64))))
-    tolerance = atol * max(1.0, float(np.max(np.abs(torch_out))))
+    tolerance = atol * max(1.0, float(np.max(np.abs(torch_out)))) if relative else atol
     if not diff <= tolerance:  # also catches a NaN difference
         raise ExportError(
             f"{runtime} output differs from torch by {diff:.3g} > tolerance {tolerance:.3g} for {path}: "
@@ -200,7 +202,7 @@ def _torch_outputs(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put the model in eval mode for the export, and give it back in the mode it came in."""
     was_training = model.training
     model.eval()
@@ -219,7 +221,7 @@ class _CapturedOutput:
         return "\n".join(lines[-_OUTPUT_TAIL_LINES:])
 
 
-def _run_quietly(action: str, path: Path, work: Callable[[], T], *, hint: str) -> T:
+def run_quietly(action: str, path: Path, work: Callable[[], T], *, hint: str) -> T:
     """Run `work` with all its output captured; turn any failure into an ExportError."""
     captured = _CapturedOutput()
     try:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from exporter.errors import ExportError
-from exporter.export import _check, export_onnx, export_tflite, load_tflite_interpreter, tflite_input_shape
+from exporter.export import check_outputs, export_onnx, export_tflite, load_tflite_interpreter, tflite_input_shape
 from exporter.latency import interleaved_latency_ms, onnx_latency_ms
 
 
@@ -113,24 +113,32 @@ def test_check_returns_the_max_abs_difference() -> None:
     torch_out = np.array([[1.0, -2.0], [0.5, 3.0]])
     other_out = torch_out + np.array([[1e-5, -3e-5], [0.0, 2e-5]])
 
-    assert _check(torch_out, other_out, 1e-4, Path("m.onnx")) == pytest.approx(3e-5)
+    assert check_outputs(torch_out, other_out, 1e-4, Path("m.onnx")) == pytest.approx(3e-5)
 
 
 def test_check_tolerance_scales_with_large_logits() -> None:
     torch_out = np.array([[1000.0, 0.0]])
 
-    assert _check(torch_out, torch_out + 0.05, 1e-4, Path("m.onnx")) == pytest.approx(0.05)
+    assert check_outputs(torch_out, torch_out + 0.05, 1e-4, Path("m.onnx")) == pytest.approx(0.05)
     with pytest.raises(ExportError, match=r"0\.2 > tolerance 0\.1 .*m\.onnx"):
-        _check(torch_out, torch_out + 0.2, 1e-4, Path("m.onnx"))
+        check_outputs(torch_out, torch_out + 0.2, 1e-4, Path("m.onnx"))
+
+
+def test_an_absolute_check_does_not_scale_with_large_logits() -> None:
+    torch_out = np.array([[35.0, 0.0]])
+
+    assert check_outputs(torch_out, torch_out + 5e-4, 1e-3, Path("lm.onnx"), relative=False) == pytest.approx(5e-4)
+    with pytest.raises(ExportError, match=r"0\.002 > tolerance 0\.001 .*lm\.onnx"):
+        check_outputs(torch_out, torch_out + 2e-3, 1e-3, Path("lm.onnx"), relative=False)
 
 
 def test_check_rejects_nan_and_shape_mismatch() -> None:
     torch_out = np.zeros((2, 3))
 
     with pytest.raises(ExportError, match="tolerance"):
-        _check(torch_out, np.full((2, 3), np.nan), 1e-4, Path("m.onnx"))
+        check_outputs(torch_out, np.full((2, 3), np.nan), 1e-4, Path("m.onnx"))
     with pytest.raises(ExportError, match="shape"):
-        _check(torch_out, np.zeros((1, 3)), 1e-4, Path("m.onnx"))
+        check_outputs(torch_out, np.zeros((1, 3)), 1e-4, Path("m.onnx"))
 
 
 def test_onnx_export_that_differs_from_torch_fails(tmp_path: Path) -> None:

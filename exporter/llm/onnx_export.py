@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from exporter.errors import ExportError
-from exporter.export import _eval_mode, _run_quietly
+from exporter.export import check_outputs, eval_mode, run_quietly
 
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "logits"
@@ -51,7 +51,7 @@ def export_causal_lm_onnx(model: nn.Module, path: Path, check_ids: torch.Tensor,
     batch, seq = check_ids.shape
     other_ids = torch.randint(0, vocab, (batch + 1, seq + 3), generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(model):
+    with eval_mode(model):
         wrapper = _LogitsOnly(model).eval()
         expected = [_torch_logits(wrapper, ids) for ids in (check_ids, other_ids)]
 
@@ -68,9 +68,9 @@ def export_causal_lm_onnx(model: nn.Module, path: Path, check_ids: torch.Tensor,
                 verbose=False,
             )
 
-        _run_quietly("ONNX export", path, export, hint="check that the model is a stock transformers causal LM")
+        run_quietly("ONNX export", path, export, hint="check that the model is a stock transformers causal LM")
 
-    session = _run_quietly(
+    session = run_quietly(
         "loading the exported ONNX model",
         path,
         lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
@@ -85,13 +85,13 @@ def export_causal_lm_onnx(model: nn.Module, path: Path, check_ids: torch.Tensor,
     differences = []
     for ids, logits in zip((check_ids, other_ids), expected, strict=True):
         shape = list(ids.shape)
-        actual = _run_quietly(
+        actual = run_quietly(
             f"running the ONNX model on input_ids {shape}",
             path,
             lambda ids=ids: session.run([OUTPUT_NAME], {INPUT_NAME: ids.cpu().numpy()})[0],
             hint="the exported graph may not accept this shape",
         )
-        differences.append(_logits_difference(logits, actual, atol, path, shape))
+        differences.append(check_outputs(logits, actual, atol, path, runtime=f"ONNX (input_ids {shape})", relative=False))
     return max(differences)
 
 
@@ -101,21 +101,6 @@ def _torch_logits(wrapper: nn.Module, ids: torch.Tensor) -> np.ndarray:
     if not bool(torch.isfinite(logits).all()):
         raise ExportError(f"the model gives NaN or inf logits on input_ids {list(ids.shape)}: fix the model first")
     return logits.float().numpy()
-
-
-def _logits_difference(expected: np.ndarray, actual: np.ndarray, atol: float, path: Path, shape: list[int]) -> float:
-    if expected.shape != actual.shape:
-        raise ExportError(
-            f"ONNX logits shape {list(actual.shape)} differs from torch's {list(expected.shape)} on input_ids "
-            f"{shape} for {path}: the export is wrong; re-export"
-        )
-    difference = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
-    if not difference <= atol:  # also catches NaN
-        raise ExportError(
-            f"ONNX logits differ from torch by {difference:.3g} > {atol:g} on input_ids {shape} for {path}: "
-            "the export is wrong; inspect the file, or raise atol if this difference is expected"
-        )
-    return difference
 
 
 def _vocab_size(model: nn.Module) -> int:
