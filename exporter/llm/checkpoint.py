@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from exporter.errors import ExportError
-from exporter.llm.structure import LayerShape, layer_shapes, llama_parts, resize_empty, structured_layers
+from exporter.llm.load import decoder_layers
+from exporter.llm.structure import LayerShape, layer_shapes, llama_parts, resize_empty
 
 LAYERS_FILE = "edgeshift_layers.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -64,7 +65,7 @@ def load_pruned(directory: Path) -> nn.Module:
     with _no_weight_init():  # the full-size weights are only reserved, never written
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # skipped along with the initialisation
-    for layer, shape in zip(structured_layers(model), shapes, strict=True):
+    for layer, shape in zip(decoder_layers(model), shapes, strict=True):
         attention, mlp = llama_parts(layer)
         resize_empty(attention, mlp, shape)
     try:

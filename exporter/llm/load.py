@@ -71,8 +71,8 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count and name.rsplit(".", 1)[-1] in ("layers", "h"):
             return module
     raise ExportError(
-        f"found no decoder layers in {type(model).__name__}; Mosaic needs a LLaMA-style causal LM "
-        "(decoder layers at model.model.layers)"
+        f"{type(model).__name__} has no model.layers (found no decoder layers); Mosaic needs a LLaMA-style "
+        "causal LM (e.g. LlamaForCausalLM)"
     )
 
 

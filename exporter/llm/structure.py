@@ -28,17 +28,16 @@ Modules are replaced, not edited: hold no references to a layer's Linear modules
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from exporter.errors import ExportError
+from exporter.llm.load import PROJECTIONS, decoder_layers
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+ATTENTION_PROJECTIONS = PROJECTIONS[:4]  # q, k, v, o
+MLP_PROJECTIONS = PROJECTIONS[4:]        # gate, up, down
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def shrink_layer(
 def remove_dead_structure(model: nn.Module) -> list[LayerShape]:
     """Remove every exactly-dead head, KV group and neuron of every layer, in place; outputs stay the same."""
     shapes = []
-    for layer in structured_layers(model):
+    for layer in decoder_layers(model):
         attention, mlp = llama_parts(layer)
         shape = _plan(attention, mlp, None, 0.0, None)
         _apply(attention, mlp, shape)
@@ -91,7 +90,7 @@ def remove_dead_structure(model: nn.Module) -> list[LayerShape]:
 
 def layer_shapes(model: nn.Module) -> list[LayerShape]:
     """Every decoder layer's current sizes (no kept indices)."""
-    return [_current_shape(*llama_parts(layer)) for layer in structured_layers(model)]
+    return [_current_shape(*llama_parts(layer)) for layer in decoder_layers(model)]
 
 
 def _plan(
@@ -314,15 +313,6 @@ def llama_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
             f"key rows for head_dim {attention.head_dim}: not whole GQA groups; check the model's config"
         )
     return attention, mlp
-
-
-def structured_layers(model: nn.Module) -> Iterator[nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ExportError(
-            f"{type(model).__name__} has no model.layers: pass a LLaMA-style causal LM (e.g. LlamaForCausalLM)"
-        )
-    return iter(layers)
 
 
 def _require_norms(attention: nn.Module, mlp: nn.Module, norms: dict[str, torch.Tensor]) -> None:
