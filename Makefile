@@ -31,9 +31,12 @@ test-all: $(STAMP) $(SMOLLM)
 	$(PY) -m pytest -q
 
 bench: $(STAMP) $(SMOLLM)
+	test -f $(PORTFOLIO)/manifest.json || $(VENV)/bin/edgeshift-export portfolio --out $(PORTFOLIO) --force
+	$(PY) bench/portfolio_range.py $(PORTFOLIO)
+	$(PY) bench/adaptive.py $(PORTFOLIO)
 	$(PY) bench/structured.py
 	$(PY) bench/portfolio_cost.py
-	$(PY) bench/pai.py
+	$(PY) bench/reconvene.py
 	$(PY) bench/mosaic.py
 	$(PY) bench/agent_switch.py
 	$(PY) bench/agent_overhead.py

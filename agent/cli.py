@@ -164,9 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, help="portfolio directory")
     demo.add_argument("--device", default="x86")
     demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
-    demo.add_argument("--calm", type=float, default=15.0, help="seconds before the stress")
-    demo.add_argument("--stress", type=float, default=30.0, help="seconds of CPU stress on every core")
-    demo.add_argument("--after", type=float, default=25.0, help="seconds after the stress")
+    demo.add_argument("--calm", type=float, default=10.0, help="seconds before the stress")
+    demo.add_argument("--stress", type=float, default=25.0, help="seconds of CPU stress on every core")
+    demo.add_argument("--after", type=float, default=15.0, help="seconds after the stress")
     demo.add_argument("--no-fleet", action="store_true", help="no local broker, fleet watch table or deploy")
     demo.set_defaults(run=_demo)
     return parser

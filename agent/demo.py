@@ -8,13 +8,16 @@ of the most accurate variant's bench p95), so the story is the same on a Pi and 
 With `fleet=True` the device also joins a fleet on a local broker (mosquitto, else amqtt):
 the controller's `watch` table prints during the stress, and at the end a second release of
 the portfolio is deployed over MQTT while the replay goes on.
+
+The replay sends the portfolio's labelled evaluation inputs when it has them, and the demo ends by
+serving the same schedule pinned to the dense variant: within-SLO share and effective accuracy
+side by side show what switching bought.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from contextlib import ExitStack
@@ -22,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.adaptive.compare import dense_variant
+from agent.adaptive.pressure import Phase
+from agent.adaptive.score import RunScore, score, score_table
+from agent.adaptive.serve import ServedRun, drive, serve_schedule
 from agent.config import MqttConfig
 from agent.fleet.cli import describe_result, watch_table
 from agent.fleet.controller import BrokerOptions, Controller
@@ -30,17 +37,16 @@ from agent.fleet.local_broker import LocalBroker
 from agent.fleet.member import FleetMember
 from agent.fleet.serve import pack_portfolio
 from agent.policy import PolicySettings
-from agent.portfolio import Portfolio, sha256_file
-from agent.profiles import load_profile
+from agent.portfolio import Portfolio, PortfolioError, sha256_file
+from agent.profiles import DeviceProfile, load_profile
 from agent.service import Agent, Event
 from agent.stats import percentile
-from agent.workload import CpuStress, ReplaySource
 
 DEMO_FLEET, DEMO_DEVICE = "demo", "demo-device"
 
 
-def run_demo(portfolio_dir: Path, device: str = "x86", rate_hz: float = 200.0, calm_s: float = 15.0,
-             stress_s: float = 30.0, after_s: float = 25.0, slo_factor: float = 2.0, cooldown_s: float = 8.0,
+def run_demo(portfolio_dir: Path, device: str = "x86", rate_hz: float = 200.0, calm_s: float = 10.0,
+             stress_s: float = 25.0, after_s: float = 15.0, slo_factor: float = 2.0, cooldown_s: float = 8.0,
              fleet: bool = False, print_fn=print) -> dict[str, list[float]]:
     with ExitStack() as cleanup:
         return _run(cleanup, portfolio_dir, device, rate_hz, calm_s, stress_s, after_s, slo_factor, cooldown_s,
@@ -52,6 +58,7 @@ def _run(cleanup: ExitStack, portfolio_dir, device, rate_hz, calm_s, stress_s, a
     started = time.monotonic()
     clock = lambda: f"[{time.monotonic() - started:6.1f} s]"
     state_dir = store = None
+    source_dir = Path(portfolio_dir)  # a fleet member's installed copy goes with the fleet at cleanup
     if fleet:
         state_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="edgeshift-demo-")))
         store = PortfolioStore(state_dir)
@@ -71,38 +78,77 @@ def _run(cleanup: ExitStack, portfolio_dir, device, rate_hz, calm_s, stress_s, a
              f"{agent.threads} threads; SLO {slo:.2f} ms = {slo_factor:g} x the bench p95 of {best.id}")
     print_fn(_bench_lines(agent))
 
-    latencies: dict[str, list[float]] = defaultdict(list)
-
-    def infer(x: np.ndarray) -> None:
-        result = agent.infer(x)
-        latencies[result.variant].append(result.latency_ms)
-
-    replay = ReplaySource(portfolio.root / "samples.npz", infer, rate_hz=rate_hz)
-    stop = threading.Event()
-    steering = threading.Thread(target=_steer, args=(agent, stop), daemon=True)
-    replay.start()
-    steering.start()
+    x, y, unlabelled = _replay_data(portfolio)
+    schedule = [Phase("calm", "calm", calm_s), Phase("stress", "cpu", stress_s), Phase("after", "calm", after_s)]
     watch = (lambda: print_fn(_fleet_table(controller))) if controller else (lambda: None)
-    try:
-        print_fn(f"{clock()} replaying samples at {rate_hz:g} Hz; calm for {calm_s:g} s")
-        time.sleep(calm_s)
-        with CpuStress(duration_s=stress_s):
-            print_fn(f"{clock()} CPU stress on every core for {stress_s:g} s")
-            _sleep_watching(stress_s, watch)
-        print_fn(f"{clock()} stress over; watching for {after_s:g} s (a step up waits {cooldown_s:g} s of calm)")
-        _sleep_watching(after_s, watch)
-        if controller:
+    say = {"calm": f"replaying {'evaluation inputs' if y is not None else 'samples'} at {rate_hz:g} Hz; "
+                   f"calm for {calm_s:g} s",
+           "stress": f"CPU stress on every core for {stress_s:g} s",
+           "after": f"stress over; watching for {after_s:g} s (a step up waits {cooldown_s:g} s of calm)"}
+
+    def on_phase(phase: Phase) -> None:
+        print_fn(f"{clock()} {say[phase.name]}")
+        if phase.name == "deploy":
             _deploy_second_release(controller, portfolio, state_dir, clock, print_fn)
             watch()
-    finally:
-        stop.set()
-        replay.stop()
-        steering.join(timeout=5)
+
+    if controller:  # the deploy happens while the replay goes on, outside the compared schedule
+        say["deploy"] = "deploying a second release while serving"
+        run = drive(agent, schedule + [Phase("deploy", "calm", 0.0)], None, x, y, rate_hz, on_phase, watch)
+    else:
+        run = drive(agent, schedule, None, x, y, rate_hz, on_phase, watch)
+    profile, candidates = agent.profile, list(agent.policy.candidates)
     cleanup.close()  # leave the fleet (graceful offline), close the agent, stop the broker
-    print_fn(f"{clock()} {replay.sent} requests, {replay.failed} failed; "
-             f"{sum(1 for e in agent.events if e.type == 'switch')} switches")
+    answered = [r for r in run.requests if r.outcome != "skipped"]
+    failed = sum(r.outcome == "failed" for r in run.requests)
+    skipped = len(run.requests) - len(answered)
+    print_fn(f"{clock()} {len(answered)} requests, {failed} failed; "
+             + (f"{skipped} slots skipped to keep pace; " if skipped else "") + f"{len(run.switches)} switches")
+    for error in run.errors[:3]:
+        print_fn(f"  {error}")
+    latencies: dict[str, list[float]] = defaultdict(list)
+    for r in run.requests:
+        if r.outcome == "answered":
+            latencies[r.variant].append(r.model_ms)
     print_fn(_latency_lines(latencies))
+    if unlabelled:
+        print_fn(f"{unlabelled}: no comparison with a pinned dense variant")
+    else:
+        dense = dense_variant(portfolio, candidates)
+        _compare_with_dense(Portfolio.open(source_dir), profile, dense, schedule, run, x, y, rate_hz, slo, clock,
+                            print_fn)
     return latencies
+
+
+def _replay_data(portfolio: Portfolio) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """The labelled evaluation inputs, else the unlabelled samples and why."""
+    try:
+        x, y = portfolio.evaluation_data()
+        return x, y, None
+    except PortfolioError as error:
+        return portfolio.samples().inputs[0], None, f"no labelled evaluation data ({error})"
+
+
+def _compare_with_dense(portfolio: Portfolio, profile: DeviceProfile, dense: str, schedule: list[Phase],
+                        adaptive: ServedRun, x: np.ndarray, y: np.ndarray, rate_hz: float, slo: float, clock,
+                        print_fn) -> None:
+    """Serve the same schedule pinned to dense, then both runs side by side."""
+    print_fn(f"{clock()} the same {sum(p.seconds for p in schedule):g} s again, pinned to {dense}, "
+             f"to see what switching bought")
+    with tempfile.TemporaryDirectory(prefix="edgeshift-demo-dense-") as scratch:
+        pinned = serve_schedule(portfolio, profile, PolicySettings(latency_slo_ms=slo, pin=dense), schedule, x, y,
+                                rate_hz, Path(scratch) / "sysfs", Path(scratch) / "state", bench_runs=10)
+    compared = {p.name for p in schedule}
+    rows = [score("adaptive (this run)", [r for r in adaptive.requests if r.phase in compared], slo,
+                  len(adaptive.switches)),
+            score(f"pinned {dense}", pinned.requests, slo, len(pinned.switches))]
+    print_fn(score_table(rows))
+    print_fn(f"{clock()} {_bought(*rows)}")
+
+
+def _bought(adaptive: RunScore, dense: RunScore) -> str:
+    return (f"switching answered {adaptive.within_slo:.1%} of requests within the SLO vs {dense.within_slo:.1%} "
+            f"pinned to dense; effective accuracy {adaptive.effective_accuracy:.1%} vs {dense.effective_accuracy:.1%}")
 
 
 def _join_fleet(cleanup: ExitStack, agent: Agent, state_dir: Path, store: PortfolioStore, clock, print_fn):
@@ -124,14 +170,6 @@ def _fleet_table(controller: Controller) -> str:
     return "edgeshift-fleet watch\n" + watch_table(controller.statuses(), controller.telemetry(), controller.last_events())
 
 
-def _sleep_watching(seconds: float, watch, every_s: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        time.sleep(min(every_s, left))
-        if deadline - time.monotonic() > 1:
-            watch()
-
-
 def _deploy_second_release(controller: Controller, portfolio: Portfolio, state_dir: Path, clock, print_fn) -> None:
     """Re-release the same variants under a new name and deploy it over MQTT, as an operator would."""
     release = Path(shutil.copytree(portfolio.root, state_dir / "release" / "portfolio"))
@@ -143,11 +181,6 @@ def _deploy_second_release(controller: Controller, portfolio: Portfolio, state_d
     result = controller.send([DEMO_DEVICE], "deploy", {"source": str(archive), "sha256": sha256_file(archive)},
                              timeout_s=120)[0]
     print_fn(f"{clock()} {describe_result('deploy', result)}")
-
-
-def _steer(agent: Agent, stop: threading.Event, interval_s: float = 0.5) -> None:
-    while not stop.wait(interval_s):
-        agent.step()
 
 
 def _print_event(event: Event, clock, print_fn) -> None:

@@ -30,6 +30,8 @@ METHODS = frozenset(
         "mosaic-composite",
     }
 )
+# A transform of a variant (int8 quantization) appends "+<transform>" to its method: "imp-structured+int8".
+TRANSFORMS = frozenset({"int8"})
 TASKS = frozenset({"classification", "causal-lm"})
 FORMATS = ("onnx", "tflite")
 LAYOUTS = ("NCHW", "NHWC")
@@ -37,6 +39,7 @@ VARIANT_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")  # use with fullmatch
 
 MANIFEST_FILE = "manifest.json"
 SAMPLES_FILE = "samples.npz"
+EVALUATION_FILE = "evaluation.npz"
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
@@ -106,6 +109,22 @@ class LanguageModel:
     context_length: int  # the longest input_ids the variants are fed; generation keeps the last ones
 
 
+@dataclass
+class EvaluationFile:
+    """Labelled held-out inputs (x, y) in an .npz at the portfolio root: what benchmarks replay and score."""
+
+    path: str  # relative to the portfolio root, forward slashes
+    sha256: str
+    bytes: int
+    count: int  # how many labelled inputs
+
+
+def known_method(method: str) -> bool:
+    """A base method, optionally with transforms: "pai-structured", "imp-structured+int8"."""
+    base, *transforms = method.split("+")
+    return base in METHODS and all(t in TRANSFORMS for t in transforms)
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -121,6 +140,7 @@ class Manifest:
     labels: list[str] | None = None
     preprocessing: Preprocessing | None = None
     language_model: LanguageModel | None = None  # required when task is "causal-lm"
+    evaluation: EvaluationFile | None = None  # optional labelled held-out data
     created: str = field(default_factory=_utc_now)
     exporter: dict[str, str] = field(default_factory=dict)  # versions: {"torch": "2.4.1", ...}
     schema: str = SCHEMA
@@ -145,6 +165,7 @@ class Manifest:
             "labels": None if self.labels is None else list(self.labels),
             "preprocessing": None if self.preprocessing is None else asdict(self.preprocessing),
             "language_model": None if self.language_model is None else asdict(self.language_model),
+            "evaluation": None if self.evaluation is None else asdict(self.evaluation),
             "default_variant": self.default_variant,
             "variants": [asdict(variant) for variant in self.variants],
         }
@@ -164,6 +185,7 @@ class Manifest:
             )
         preprocessing = top.child("preprocessing", optional=True)
         language_model = top.child("language_model", optional=True)
+        evaluation = top.child("evaluation", optional=True)
         manifest = cls(
             schema=schema,
             name=top.text("name"),
@@ -175,6 +197,7 @@ class Manifest:
             labels=top.texts("labels", optional=True),
             preprocessing=None if preprocessing is None else _preprocessing(preprocessing),
             language_model=None if language_model is None else _language_model(language_model),
+            evaluation=None if evaluation is None else _evaluation_file(evaluation),
             default_variant=top.text("default_variant"),
             variants=[_variant(item) for item in top.children("variants")],
         )
@@ -371,6 +394,17 @@ def _tokenizer_file(node: _Fields) -> TokenizerFile:
     return entry
 
 
+def _evaluation_file(node: _Fields) -> EvaluationFile:
+    entry = EvaluationFile(path=node.text("path"), sha256=node.text("sha256"), bytes=node.integer("bytes"),
+                           count=node.integer("count"))
+    if not _SHA256_HEX.fullmatch(entry.sha256):
+        raise node.error("sha256", "must be 64 lowercase hex digits")
+    for key in ("bytes", "count"):
+        if getattr(entry, key) < 0:
+            raise node.error(key, f"must not be negative, got {getattr(entry, key)}")
+    return entry
+
+
 def _language_model(node: _Fields) -> LanguageModel:
     tokenizer = node.nullable_child("tokenizer")
     language_model = LanguageModel(
@@ -437,9 +471,10 @@ def _check_manifest(manifest: Manifest, source: str) -> None:
         if variant.id in seen:
             raise fail(f"{where}.id '{variant.id}' is a duplicate; variant ids must be unique")
         seen.add(variant.id)
-        if variant.method not in METHODS:
+        if not known_method(variant.method):
             raise fail(
-                f"{where}.method '{variant.method}' is not known (known: {', '.join(sorted(METHODS))})"
+                f"{where}.method '{variant.method}' is not known (known: {', '.join(sorted(METHODS))}, "
+                f"each optionally followed by +{' or +'.join(sorted(TRANSFORMS))})"
             )
         if variant.parent is not None and (variant.parent not in ids or variant.parent == variant.id):
             raise fail(f"{where}.parent '{variant.parent}' is not another variant of this portfolio")
@@ -448,6 +483,10 @@ def _check_manifest(manifest: Manifest, source: str) -> None:
             if reason:
                 raise fail(f"variant '{variant.id}' {fmt} path '{entry.path}' {reason}")
     _check_language_model(manifest, fail)
+    if manifest.evaluation is not None:
+        reason = relpath_problem(manifest.evaluation.path)
+        if reason:
+            raise fail(f"evaluation path '{manifest.evaluation.path}' {reason}")
     if manifest.default_variant not in seen:
         raise fail(
             f"default_variant '{manifest.default_variant}' is not a variant id (ids: {', '.join(ids)})"

@@ -5,6 +5,18 @@ throttling), its memory fits the budget and what the system has free. Expected l
 on-device benchmark scaled by how much slower the active variant runs now than on that bench,
 so CPU contention and throttling move every estimate alike. A violation steps down at once; a
 step up waits for the cooldown and needs headroom. A pin overrides everything.
+
+Bench latencies are noisy: on a shared device the p95 tail orders variants of the same cost at
+random. So a variant's cost is its bench median, and one variant is cheaper than another only
+when its median is lower by more than a noise margin; within it they cost the same, and the
+more accurate is preferred. Expected latency is a variant's median scaled by how the active
+variant's live p95 compares to its own median. A step down goes only to a really cheaper variant;
+when nothing is expected to fit, to the cheapest (the most accurate of those that cost the
+least), never to another variant that costs the same as the active one.
+
+Latency alone misses a queue: at a steady request rate, a variant busy serving most of the time
+answers each request on time while the requests behind it wait. So a variant busy more than
+`max_busy` of the time also steps down, to one whose median cost keeps the device below it.
 """
 from __future__ import annotations
 
@@ -22,6 +34,11 @@ class Candidate:
     quality: float                  # higher is better: accuracy, or minus perplexity
     bench_p95_ms: float | None      # measured on this device at rest
     memory_mb: float                # estimated resident size
+    bench_p50_ms: float | None = None  # the cost to compare: medians shrug off the noise tails carry
+
+    @property
+    def cost_ms(self) -> float | None:
+        return self.bench_p50_ms if self.bench_p50_ms is not None else self.bench_p95_ms
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,8 @@ class PolicySettings:
     cooldown_s: float = 30.0        # a step up waits this long after any switch
     headroom: float = 0.7           # and needs expected p95 <= headroom * SLO
     min_samples: int = 20           # live requests before live latency counts as evidence
+    noise_margin: float = 0.2       # bench medians closer than this share cost the same
+    max_busy: float = 0.8           # share of time the active variant may spend serving: beyond, a steady stream queues
     pin: str | None = None
 
 
@@ -42,6 +61,7 @@ class Observation:
     thermal: str = "unknown"        # ok | warm | throttle | critical | unknown
     temperature_c: float | None = None
     mem_available_mb: float | None = None
+    busy: float | None = None       # share of recent time the active variant spent serving
 
 
 @dataclass(frozen=True)
@@ -89,42 +109,79 @@ class Policy:
             return self._to(obs, smallest.id, "memory", f"no variant fits in memory; {smallest.id} is the smallest "
                                                         f"({smallest.memory_mb:.0f} MB)")
         if obs.thermal == "critical":
-            fastest = min(fitting_memory, key=_latency_key)
+            fastest = self._cheapest(fitting_memory)
             return self._to(obs, fastest.id, "thermal", f"critical temperature{_temp(obs)}: fastest variant {fastest.id}")
 
         slo = s.latency_slo_ms * _SLO_FACTOR.get(obs.thermal, 1.0)
         slo_text = f"SLO {slo:.1f} ms" + (f" ({obs.thermal}{_temp(obs)})" if slo < s.latency_slo_ms else "")
-        slowdown = self._slowdown(obs)
-        expected = {c.id: c.bench_p95_ms * slowdown for c in fitting_memory if c.bench_p95_ms is not None}
-        target = next((c for c in fitting_memory if c.id in expected and expected[c.id] <= slo), None)
-        if target is None:
-            target = min(fitting_memory, key=_latency_key)
         active = self._by_id.get(obs.active)
+        expected = self._expected_p95(obs, active, fitting_memory)
+        busy = self._expected_busy(obs, active, fitting_memory)
+        target = self._best_fitting(fitting_memory, expected, slo, busy) or self._cheapest(fitting_memory)
 
         if active is None or active not in fitting_memory:
             return self._to(obs, target.id, "memory", f"{obs.active} does not fit in memory; {target.id} does")
         violated = obs.live.count >= s.min_samples and obs.live.p95 is not None and obs.live.p95 > slo
         too_slow = active.id in expected and expected[active.id] > slo
-        if violated or (too_slow and obs.thermal in ("warm", "throttle")):
-            if target.id != active.id and _latency_key(target) < _latency_key(active):
-                measured = f"p95 {obs.live.p95:.1f} ms" if violated else f"expected p95 {expected[active.id]:.1f} ms"
-                return self._to(obs, target.id, "step-down", f"{measured} > {slo_text}: {target.id} expected at "
-                                                             f"{expected.get(target.id, float('nan')):.1f} ms")
+        overloaded = obs.live.count >= s.min_samples and obs.busy is not None and obs.busy > s.max_busy
+        pressed = violated or overloaded or (too_slow and obs.thermal in ("warm", "throttle"))
+        if pressed:
+            cheaper = [c for c in fitting_memory if self._cheaper(c, active)]
+            down = self._best_fitting(cheaper, expected, slo, busy) or self._cheapest(cheaper)
+            if down is not None:
+                if violated:
+                    measured = f"p95 {obs.live.p95:.1f} ms > {slo_text}"
+                elif overloaded:
+                    measured = f"busy {obs.busy:.0%} of the time > {s.max_busy:.0%}, requests queue; {slo_text}"
+                else:
+                    measured = f"expected p95 {expected[active.id]:.1f} ms > {slo_text}"
+                fits = "" if expected.get(down.id, float("inf")) <= slo else ", the cheapest; nothing fits"
+                return self._to(obs, down.id, "step-down", f"{measured}: {down.id} expected at "
+                                                           f"{expected.get(down.id, float('nan')):.1f} ms{fits}")
         if target.quality > active.quality and target.id in expected:
             waited = obs.now - self._last_switch
-            if waited >= s.cooldown_s and expected[target.id] <= s.headroom * slo:
+            room = busy.get(target.id) is None or busy[target.id] <= s.headroom * s.max_busy
+            if waited >= s.cooldown_s and expected[target.id] <= s.headroom * slo and room:
                 return self._to(obs, target.id, "step-up", f"headroom: {target.id} expected at "
                                                            f"{expected[target.id]:.1f} ms <= {s.headroom:.0%} of {slo_text}")
         live = f"p95 {obs.live.p95:.1f} ms" if obs.live.p95 is not None else "no traffic"
+        if pressed:
+            return Decision(active.id, f"holding {active.id}: {live}, {slo_text}, and no variant is cheaper beyond "
+                                       f"noise", "hold", False)
         return Decision(active.id, f"holding {active.id}: {live}, {slo_text}", "hold", False)
 
-    def _slowdown(self, obs: Observation) -> float:
-        """How much slower the active variant runs now than on its bench (1.0 without live evidence)."""
-        active = self._by_id.get(obs.active)
-        if (active is None or active.bench_p95_ms is None or obs.live.p95 is None
-                or obs.live.count < self.settings.min_samples):
-            return 1.0
-        return max(obs.live.p95 / active.bench_p95_ms, 0.5)
+    def _best_fitting(self, candidates: list[Candidate], expected: dict[str, float], slo: float,
+                      busy: dict[str, float]) -> Candidate | None:
+        """The most accurate of these expected to meet the SLO and keep up (candidates are most accurate first)."""
+        return next((c for c in candidates if c.id in expected and expected[c.id] <= slo
+                     and busy.get(c.id, 0.0) <= self.settings.max_busy), None)
+
+    def _expected_p95(self, obs: Observation, active: Candidate | None, candidates: list[Candidate]
+                      ) -> dict[str, float]:
+        """Each variant's p95 now: its cost times the active one's live p95 over its cost; the bench p95 at rest."""
+        live = obs.live.p95 is not None and obs.live.count >= self.settings.min_samples
+        if active is None or not active.cost_ms or not live:
+            return {c.id: c.bench_p95_ms for c in candidates if c.bench_p95_ms is not None}
+        ratio = max(obs.live.p95 / active.cost_ms, 0.5)
+        return {c.id: c.cost_ms * ratio for c in candidates if c.cost_ms is not None}
+
+    @staticmethod
+    def _expected_busy(obs: Observation, active: Candidate | None, candidates: list[Candidate]) -> dict[str, float]:
+        """How busy each variant would keep the device at the current request rate: the active one's share
+        scaled by cost (a median tracks the mean service time better than a tail does)."""
+        if obs.busy is None or active is None or not active.cost_ms:
+            return {}
+        return {c.id: obs.busy * c.cost_ms / active.cost_ms for c in candidates if c.cost_ms is not None}
+
+    def _cheapest(self, candidates: list[Candidate]) -> Candidate | None:
+        """The most accurate of the variants nothing else is really cheaper than."""
+        return next((c for c in candidates if not any(self._cheaper(other, c) for other in candidates)), None)
+
+    def _cheaper(self, a: Candidate, b: Candidate) -> bool:
+        """Whether a costs less than b beyond noise: its median is lower by more than the margin."""
+        if a.cost_ms is None:
+            return False
+        return b.cost_ms is None or a.cost_ms < (1 - self.settings.noise_margin) * b.cost_ms
 
     def _memory_fits(self, c: Candidate, obs: Observation) -> bool:
         budget = self.settings.memory_budget_mb
@@ -142,7 +199,7 @@ class Policy:
 
 
 def _latency_key(c: Candidate) -> float:
-    return c.bench_p95_ms if c.bench_p95_ms is not None else float("inf")
+    return c.cost_ms if c.cost_ms is not None else float("inf")
 
 
 def _temp(obs: Observation) -> str:

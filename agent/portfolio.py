@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from agent.manifest import (
-    FORMATS, LAYOUTS, MANIFEST_FILE, METHODS, SAMPLES_FILE, SCHEMA, TASKS, VARIANT_ID, LanguageModel, Manifest,
-    ModelFile, PortfolioError, Preprocessing, TensorSpec, TokenizerFile, Variant, relpath_problem,
+    EVALUATION_FILE, FORMATS, LAYOUTS, MANIFEST_FILE, METHODS, SAMPLES_FILE, SCHEMA, TASKS, TRANSFORMS, VARIANT_ID,
+    EvaluationFile, LanguageModel, Manifest, ModelFile, PortfolioError, Preprocessing, TensorSpec, TokenizerFile,
+    Variant, known_method, relpath_problem,
 )
 
 __all__ = [  # the contract's names, whichever module defines them
-    "FORMATS", "LAYOUTS", "MANIFEST_FILE", "METHODS", "SAMPLES_FILE", "SCHEMA", "TASKS", "VARIANT_ID",
-    "LanguageModel", "Manifest", "ModelFile", "Portfolio", "PortfolioError", "Preprocessing", "Samples",
-    "TensorSpec", "TokenizerFile", "Variant", "file_entry", "save_samples", "sha256_file", "tokenizer_entry",
-    "write_manifest",
+    "EVALUATION_FILE", "FORMATS", "LAYOUTS", "MANIFEST_FILE", "METHODS", "SAMPLES_FILE", "SCHEMA", "TASKS",
+    "TRANSFORMS", "VARIANT_ID", "EvaluationFile", "LanguageModel", "Manifest", "ModelFile", "Portfolio",
+    "PortfolioError", "Preprocessing", "Samples", "TensorSpec", "TokenizerFile", "Variant", "file_entry",
+    "known_method", "save_evaluation", "save_samples", "sha256_file", "tokenizer_entry", "write_manifest",
 ]
 
 _CHUNK = 1 << 20
@@ -37,7 +38,7 @@ class Samples:
     expected: dict[str, np.ndarray]  # variant id -> expected first output
 
 
-def _listed_files(manifest: Manifest) -> list[tuple[str, ModelFile | TokenizerFile]]:
+def _listed_files(manifest: Manifest) -> list[tuple[str, ModelFile | TokenizerFile | EvaluationFile]]:
     """Every file the manifest lists, with what it is (for messages)."""
     listed = [
         (f"variant '{variant.id}' {fmt} file", entry)
@@ -46,6 +47,8 @@ def _listed_files(manifest: Manifest) -> list[tuple[str, ModelFile | TokenizerFi
     ]
     if manifest.language_model is not None and manifest.language_model.tokenizer is not None:
         listed.append(("tokenizer file", manifest.language_model.tokenizer))
+    if manifest.evaluation is not None:
+        listed.append(("evaluation file", manifest.evaluation))
     return listed
 
 
@@ -97,6 +100,19 @@ def tokenizer_entry(root: Path, relpath: str) -> TokenizerFile:
     return TokenizerFile(path=entry.path, sha256=entry.sha256, bytes=entry.bytes)
 
 
+def save_evaluation(root: Path, x: np.ndarray, y: np.ndarray) -> EvaluationFile:
+    """Write evaluation.npz (labelled held-out inputs x and integer labels y) and return its manifest entry."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise PortfolioError(f"{EVALUATION_FILE}: needs as many labels as inputs (at least one), got {len(x)} and {len(y)}")
+    if y.dtype.kind not in "iu":
+        raise PortfolioError(f"{EVALUATION_FILE}: labels must be integers, got {y.dtype}")
+    path = Path(root) / EVALUATION_FILE
+    _write_atomically(path, lambda stream: np.savez(stream, x=x, y=y.astype(np.int64)))
+    entry = file_entry(root, EVALUATION_FILE, max_abs_diff=0.0)
+    return EvaluationFile(path=entry.path, sha256=entry.sha256, bytes=entry.bytes, count=len(y))
+
+
 def _write_atomically(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename over path."""
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -105,6 +121,7 @@ def _write_atomically(path: Path, write) -> None:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temp_name, 0o644)  # mkstemp makes it private; an agent running as another user must read it
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -209,6 +226,19 @@ class Portfolio:
             have = ", ".join(variant.files) or "none"
             raise PortfolioError(f"variant '{variant_id}' has no {fmt} file (it has: {have})")
         return self.root / variant.files[fmt].path
+
+    def evaluation_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled held-out inputs (x, y) the exporter shipped, for benchmarks that score answers."""
+        entry = self.manifest.evaluation
+        if entry is None:
+            raise PortfolioError(f"{MANIFEST_FILE}: lists no evaluation data; re-export the portfolio with "
+                                 "a current edgeshift-export")
+        path = self.root / entry.path
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return archive["x"], archive["y"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise PortfolioError(f"{entry.path}: unreadable ({error}); re-export the portfolio") from None
 
     def samples(self) -> Samples:
         path = self.root / SAMPLES_FILE

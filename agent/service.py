@@ -126,7 +126,8 @@ class Agent:
         canary = [x[:1] for x in samples.inputs]
         bench = self._measure(portfolio, healthy, canary)
         candidates = [Candidate(vid, _quality(portfolio.manifest.variant(vid).metrics), bench[vid].p95,
-                                memory_estimate_mb(portfolio.manifest.variant(vid), self.backend.file_format))
+                                memory_estimate_mb(portfolio.manifest.variant(vid), self.backend.file_format),
+                                bench_p50_ms=bench[vid].p50)
                       for vid in healthy]
         settings = self.policy.settings if self.policy is not None else self.policy_settings
         if settings.pin is not None and settings.pin not in healthy:
@@ -221,7 +222,8 @@ class Agent:
         live = runtime.windows[runtime.active].summary(since=runtime.activated_at)
         obs = Observation(time.monotonic(), runtime.active, live,
                           thermal_state(snapshot.temperature_c, self.profile.thermal), snapshot.temperature_c,
-                          snapshot.mem_available_mb)
+                          snapshot.mem_available_mb,
+                          busy=runtime.windows[runtime.active].busy_share(since=runtime.activated_at))
         decision = policy.decide(obs)
         if decision.changed:
             self._switch(decision.variant, decision.reason, kind=decision.kind)

@@ -48,6 +48,16 @@ class LatencyWindow:
         with self._lock:
             self._samples.clear()
 
+    def busy_share(self, now: float | None = None, since: float | None = None, min_span_s: float = 1.0) -> float | None:
+        """Share of the window's time spent serving (None before min_span_s): near 1, a steady stream queues."""
+        now = time.monotonic() if now is None else now
+        oldest = now - self.horizon_s if since is None else max(now - self.horizon_s, since)
+        if now - oldest < min_span_s:
+            return None
+        with self._lock:
+            busy_ms = sum(ms for t, ms in self._samples if t >= oldest)
+        return busy_ms / 1000.0 / (now - oldest)
+
     def summary(self, now: float | None = None, since: float | None = None) -> LatencySummary:
         """Percentiles over the window; `since` (monotonic time) drops older samples, e.g. before a switch."""
         now = time.monotonic() if now is None else now

@@ -16,12 +16,12 @@ BENCH_PORTFOLIOS = ROOT / "build" / "bench-portfolios"
 MAKE_DEMO_PORTFOLIO = ROOT / "build" / "portfolio"  # what `make demo` builds with the same defaults
 
 # A one-variant portfolio of an ~11M-parameter CIFAR-style ResNet-18 (bench/models.py), ONNX only.
-RESNET18_ARGS = ["--model", "bench.models:resnet18", "--width", "1", "--imp-levels", "0", "--epochs", "1",
-                 "--no-tflite"]
+RESNET18_ARGS = ["--model", "bench.models:resnet18", "--width", "1", "--method", "dnnshifter", "--imp-levels", "0",
+                 "--epochs", "1", "--quantize", "none", "--no-tflite"]
 
 
 def default_portfolio() -> Path:
-    """The exporter's default portfolio (ResNet-20 on digits, 7 variants): `make demo`'s if it verifies, else ours."""
+    """The exporter's default portfolio (VGG-16 on digits, Reconvene + int8): `make demo`'s if it verifies, else ours."""
     if _verifies(MAKE_DEMO_PORTFOLIO):
         return MAKE_DEMO_PORTFOLIO
     return ensure_portfolio("default", [], "the exporter's defaults, ~2 min on 2 cores")

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from exporter.llm.corpus import read_corpus, token_windows  # noqa: E402
-from exporter.llm.evaluate import parameter_count, perplexity, weights_bytes  # noqa: E402
-from exporter.llm.load import load_causal_lm  # noqa: E402
-from exporter.llm.structure import remove_dead_structure, shrink_layer  # noqa: E402
-from exporter.llm.unstructured import UnstructuredConfig, prune_unstructured  # noqa: E402
+from exporter.mosaic.corpus import read_corpus, token_windows  # noqa: E402
+from exporter.mosaic.evaluate import parameter_count, perplexity, weights_bytes  # noqa: E402
+from exporter.mosaic.load import load_causal_lm  # noqa: E402
+from exporter.mosaic.structure import remove_dead_structure, shrink_layer  # noqa: E402
+from exporter.mosaic.unstructured import UnstructuredConfig, prune_unstructured  # noqa: E402
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 

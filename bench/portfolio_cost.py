@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.data import load_dataset  # noqa: E402
 from exporter.models import build_model, classifier_of  # noqa: E402
-from exporter.pruning.imp import ImpConfig, run_imp  # noqa: E402
+from exporter.dnnshifter.imp import ImpConfig, run_imp  # noqa: E402
 from exporter.pruning.structured import remove_dead_channels  # noqa: E402
 from exporter.train import TrainConfig, train  # noqa: E402
 

@@ -25,7 +25,7 @@ from exporter.data import load_dataset  # noqa: E402
 from exporter.export import export_onnx  # noqa: E402
 from exporter.latency import interleaved_latency_ms  # noqa: E402
 from exporter.models import build_model, classifier_of  # noqa: E402
-from exporter.pruning.imp import ImpConfig, run_imp  # noqa: E402
+from exporter.dnnshifter.imp import ImpConfig, run_imp  # noqa: E402
 from exporter.pruning.structured import remove_dead_channels  # noqa: E402
 from exporter.train import TrainConfig, predict, seeded  # noqa: E402
 

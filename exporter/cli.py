@@ -8,7 +8,7 @@ from pathlib import Path
 from agent.portfolio import Portfolio, PortfolioError
 from exporter.errors import ExportError
 
-DEFAULT_WIDTH = 0.5
+DEFAULT_WIDTH = 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,22 +47,24 @@ def _train(args) -> int:
 
 
 def _portfolio(args) -> int:
-    if args.method == "pai":
-        return _pai_portfolio(args)
-    if args.method == "mosaic":
+    if args.method == ["mosaic"]:
         return _mosaic_portfolio(args)
+    from exporter.dnnshifter.imp import ImpConfig
     from exporter.pipeline import PortfolioSpec, build_portfolio
-    from exporter.pruning.imp import ImpConfig
+    from exporter.reconvene.method import DEFAULT_DENSITIES
+    from exporter.reconvene.reconvene import ReconveneConfig
 
-    if args.prune_fraction is not None and not 0 < args.prune_fraction < 1:
-        raise ExportError(f"--prune-fraction must be between 0 and 1, got {args.prune_fraction}")
     spec = PortfolioSpec(
-        out=args.out, model=args.model, width=args.width, data=args.data, checkpoint=args.checkpoint,
-        train=_train_config(args),
+        out=args.out, model=args.model, width=args.width, data=args.data, methods=tuple(args.method),
+        checkpoint=args.checkpoint, train=_train_config(args),
         imp=ImpConfig(levels=args.imp_levels, fraction=args.prune_fraction, rewind_iteration=args.rewind_iteration,
                       include_classifier=args.prune_classifier, level_epochs=args.level_epochs),
-        levels=args.levels, tflite=not args.no_tflite, run_dir=args.run_dir, name=args.name, force=args.force,
-        progress=not args.quiet,
+        levels=args.levels, run_dir=args.run_dir,
+        reconvene=ReconveneConfig(scorer=args.scorer, structured_share=args.structured_share,
+                                  synflow_rounds=args.synflow_rounds, seed=args.seed),
+        densities=tuple(args.densities or DEFAULT_DENSITIES), calibration_size=args.calibration_size,
+        pai_unstructured=args.pai_unstructured, quantize=args.quantize, keep_dominated=args.keep_dominated,
+        tflite=not args.no_tflite, name=args.name, force=args.force, progress=not args.quiet,
     )
     manifest = build_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
@@ -70,25 +72,9 @@ def _portfolio(args) -> int:
     return 0
 
 
-def _pai_portfolio(args) -> int:
-    from exporter.pai.pipeline import DEFAULT_DENSITIES, PaiSpec, build_pai_portfolio
-    from exporter.pai.reconvene import ReconveneConfig
-
-    config = ReconveneConfig(scorer=args.scorer, structured_share=args.structured_share,
-                             synflow_rounds=args.synflow_rounds, seed=args.seed)
-    spec = PaiSpec(out=args.out, model=args.model, width=args.width, data=args.data, train=_train_config(args),
-                   reconvene=config, densities=tuple(args.densities or DEFAULT_DENSITIES),
-                   calibration_size=args.calibration_size, tflite=not args.no_tflite, name=args.name,
-                   force=args.force, progress=not args.quiet)
-    manifest = build_pai_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
-    print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
-    print(f"report: {args.out / 'report.md'}")
-    return 0
-
-
 def _mosaic_portfolio(args) -> int:
-    from exporter.llm.pipeline import MosaicSpec, build_mosaic_portfolio
-    from exporter.llm.unstructured import UnstructuredConfig
+    from exporter.mosaic.pipeline import MosaicSpec, build_mosaic_portfolio
+    from exporter.mosaic.unstructured import UnstructuredConfig
     from exporter.models import DEFAULT_MODEL
 
     if args.calib is None or args.eval is None:
@@ -158,18 +144,27 @@ def _comma_list(convert, plural: str, example: str, valid, rule: str):
     return parse
 
 
+def _method_list(text: str) -> list[str]:
+    from exporter.methods import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ExportError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 _levels = _comma_list(int, "levels", "0,3,6", lambda v: v >= 0, "levels must be non-negative integers")
 _densities = _comma_list(float, "densities", "0.125,0.0625", lambda v: 0 < v <= 1, "every density must be in (0, 1]")
 _sparsities = _comma_list(float, "sparsities", "0.5,0.7", lambda v: 0 <= v < 1, "every sparsity must be in [0, 1)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from exporter.llm.pipeline import MosaicSpec
-    from exporter.llm.unstructured import UnstructuredConfig
+    from exporter.mosaic.pipeline import MosaicSpec
+    from exporter.mosaic.unstructured import UnstructuredConfig
     from exporter.models import DEFAULT_MODEL
-    from exporter.pai.pipeline import PaiSpec
-    from exporter.pai.reconvene import ReconveneConfig
-    from exporter.pruning.imp import ImpConfig
+    from exporter.dnnshifter.imp import ImpConfig
+    from exporter.pipeline import DEFAULT_METHODS, QUANTIZE_CHOICES, PortfolioSpec
+    from exporter.reconvene.reconvene import ReconveneConfig
     from exporter.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="edgeshift-export", description=__doc__)
@@ -197,10 +192,16 @@ def _parser() -> argparse.ArgumentParser:
     portfolio = commands.add_parser("portfolio", help="prune, shrink, export and check: a portfolio directory")
     model_and_data(portfolio)
     portfolio.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
-    portfolio.add_argument("--method", choices=("dnnshifter", "pai", "mosaic"), default="dnnshifter",
-                           help="dnnshifter: IMP with rewinding, then the exact structured step (default); "
-                                "pai: Reconvene's structured pruning at initialization; "
-                                "mosaic: composite projection pruning of a LLaMA-style causal LM (--model PATH)")
+    portfolio.add_argument("--method", type=_method_list, default=list(DEFAULT_METHODS),
+                           help="comma-separated: dnnshifter (IMP with rewinding, then the exact structured step), "
+                                "reconvene (alias pai: structured pruning at initialization), or mosaic alone "
+                                f"(composite projection pruning of a LLaMA-style causal LM, --model PATH); "
+                                f"default {','.join(DEFAULT_METHODS)}")
+    portfolio.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
+                           help="int8: add an int8 twin of every variant (onnxruntime static QDQ, calibrated on "
+                                "training data); none: float variants only")
+    portfolio.add_argument("--keep-dominated", action="store_true",
+                           help="keep variants that another one beats on both accuracy and latency")
     portfolio.add_argument("--checkpoint", type=Path, help="dense weights to start from instead of training")
     portfolio.add_argument("--imp-levels", type=int, default=ImpConfig.levels, help="IMP levels trained after the dense one")
     portfolio.add_argument("--level-epochs", type=int, default=ImpConfig.level_epochs, help="retraining epochs per IMP level")
@@ -212,10 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     portfolio.add_argument("--name", help="portfolio name (default: model-dataset)")
     pai = portfolio.add_argument_group("pai (Reconvene) options")
     pai.add_argument("--scorer", default=ReconveneConfig.scorer, help="PaI scorer: snip, grasp, synflow, magnitude, random")
-    pai.add_argument("--densities", type=_densities, help="densities in (0, 1], e.g. 0.125,0.0625 (default: 1/8 to 1/64)")
+    pai.add_argument("--densities", type=_densities, help="densities in (0, 1], e.g. 0.125,0.0625 (default: 1/16, 1/64, 1/256)")
     pai.add_argument("--structured-share", type=float, default=ReconveneConfig.structured_share,
                      help="share of conv layers, least sensitive first, made structured")
     pai.add_argument("--synflow-rounds", type=int, default=ReconveneConfig.synflow_rounds, help="SynFlow's pruning rounds")
+    pai.add_argument("--pai-unstructured", action="store_true",
+                     help="also each density's unstructured PaI variant (Reconvene's baseline; as slow as dense)")
     mosaic = portfolio.add_argument_group("mosaic options (--model is a checkpoint directory or .gguf file)")
     mosaic.add_argument("--calib", type=Path, help="calibration text file")
     mosaic.add_argument("--eval", type=Path, help="held-out text file for perplexity")
@@ -230,7 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     mosaic.add_argument("--calib-windows", type=int, default=MosaicSpec.calib_windows)
     mosaic.add_argument("--eval-windows", type=int, default=MosaicSpec.eval_windows)
     mosaic.add_argument("--checkpoints", type=Path, help="also save each pruned model here (a loadable checkpoint)")
-    pai.add_argument("--calibration-size", type=int, default=PaiSpec.calibration_size, help="images SNIP and GraSP score on")
+    pai.add_argument("--calibration-size", type=int, default=PortfolioSpec.calibration_size,
+                     help="images SNIP and GraSP score on")
     portfolio.set_defaults(run=_portfolio)
 
     inspect = commands.add_parser("inspect", help="verify a portfolio and print its variants")

@@ -1,25 +1,30 @@
-"""From a model and its data to a verified portfolio directory (DNNShifter: IMP, then the structured step)."""
+"""From a model and its data to a verified portfolio: one dense parent, every method's variants, one writer.
+
+The methods asked for (`--method dnnshifter,reconvene`) run one after the other on the same
+dense parent; their variants, and the int8 twins of them, go through one export, one latency
+measurement and one report. Mosaic (causal LMs) has a pipeline of its own (exporter.mosaic).
+"""
 from __future__ import annotations
 
-import copy
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
 from agent.portfolio import Manifest
-from exporter.data import Dataset, load_dataset
+from exporter.data import load_dataset
+from exporter.dense import dense_parent
+from exporter.dnnshifter.imp import ImpConfig
+from exporter.dnnshifter.method import DnnShifter
 from exporter.errors import ExportError
-from exporter.models import build_model, classifier_of, load_checkpoint
-from exporter.pruning.imp import ImpConfig, Level, run_imp
-from exporter.pruning.structured import remove_dead_channels
-from exporter.train import TrainConfig, predict, seeded
-from exporter.writer import BuiltVariant, check_output_dir, describe, export_classification, staged_output
+from exporter.methods import CLASSIFICATION_METHODS, Context, Method
+from exporter.models import build_model
+from exporter.reconvene.method import DEFAULT_DENSITIES, Reconvene
+from exporter.reconvene.reconvene import ReconveneConfig
+from exporter.train import TrainConfig, seeded
+from exporter.writer import BuiltVariant, WriteOptions, check_output_dir, describe, staged_output, write_portfolio
 
-EXACT_ATOL = 1e-4      # structured vs sparse parent, max abs difference on logits
+DEFAULT_METHODS = ("reconvene",)
+QUANTIZE_CHOICES = ("int8", "none")
 
 
 @dataclass
@@ -28,87 +33,78 @@ class PortfolioSpec:
     model: str
     width: float = 1.0
     data: str = "digits"
+    methods: tuple[str, ...] = DEFAULT_METHODS
     checkpoint: Path | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     imp: ImpConfig = field(default_factory=ImpConfig)
-    levels: list[int] | None = None   # levels kept as variants; default: every third, and the last
-    tflite: bool = True
+    levels: list[int] | None = None   # IMP levels kept as variants; default: every third, and the last
     run_dir: Path | None = None
+    reconvene: ReconveneConfig = field(default_factory=ReconveneConfig)
+    densities: tuple[float, ...] = DEFAULT_DENSITIES
+    calibration_size: int = 64        # images SNIP and GraSP score on
+    pai_unstructured: bool = False    # also Reconvene's unstructured twins (as slow as dense in onnxruntime)
+    quantize: str = "int8"
+    keep_dominated: bool = False
+    tflite: bool = True
     name: str | None = None
     force: bool = False
     progress: bool = True
 
-    def kept_levels(self) -> list[int]:
-        if self.levels is not None:
-            return sorted(set(self.levels))
-        return sorted(set(range(0, self.imp.levels + 1, 3)) | {self.imp.levels})
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in CLASSIFICATION_METHODS]
+        if unknown or not self.methods:
+            raise ExportError(f"image classifier portfolios are built by {', '.join(CLASSIFICATION_METHODS)}; "
+                              f"got {', '.join(self.methods) or 'none'}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.imp.fraction is not None and not 0 < self.imp.fraction < 1:
+            raise ExportError(f"--prune-fraction must be between 0 and 1, got {self.imp.fraction}")
+        if "reconvene" in self.methods:
+            self.reconvene.validate()
+        if "dnnshifter" in self.methods:
+            bad = [level for level in (self.levels or []) if not 0 <= level <= self.imp.levels]
+            if bad:
+                raise ExportError(f"level {bad[0]} was not trained: this run trains levels 0..{self.imp.levels}; "
+                                  f"pick levels in that range or raise --imp-levels")
 
 
 def build_portfolio(spec: PortfolioSpec, log=print) -> Manifest:
-    """Train (or load), prune, shrink, export and verify; write the portfolio at spec.out."""
+    """Train the dense parent, run every method, export and verify; write the portfolio at spec.out."""
+    spec.validate()
     check_output_dir(spec.out, spec.force)
     data = load_dataset(spec.data, seed=spec.train.seed)
     build = lambda: seeded(spec.train.seed, lambda: build_model(spec.model, data.num_classes, spec.width,
                                                                  data.input_shape[0]))
-    pretrained = _load_pretrained(build, spec.checkpoint)
     fingerprint = {"model": spec.model, "width": spec.width, "data": spec.data,
                    "checkpoint": str(spec.checkpoint) if spec.checkpoint else None}
+    dense = dense_parent(build, data, spec.train, spec.imp.rewind_iteration, spec.checkpoint, spec.run_dir,
+                         fingerprint, spec.progress)
+    log(f"dense: accuracy {dense.accuracy:.4f}" + (f", reused from {dense.reused}" if dense.reused
+                                                     else f", trained in {dense.seconds:.0f} s"))
+    metrics = {"accuracy": dense.accuracy, "dataset": data.name, "n": len(data.test_y)}
+    parent = BuiltVariant(describe(dense.model, "dense", "dense", None, 1.0, data.test_x[:1], metrics, {}), dense.model)
+    context = Context(data, build, parent, dense.rewind_state, spec.train, spec.progress, log)
 
-    started = time.perf_counter()
-    levels = run_imp(build, data, spec.train, spec.imp, set(spec.kept_levels()), spec.run_dir, fingerprint,
-                     pretrained=pretrained, progress=spec.progress)
-    log(f"IMP: {len(levels)} levels kept in {time.perf_counter() - started:.1f} s")
+    built = [parent]
+    for method in _methods(spec, fingerprint):
+        built += list(method.variants(context))
 
     name = spec.name or f"{spec.model.split(':')[-1]}-{data.name}"
+    info = {"method": ",".join(spec.methods), "model": spec.model, "width": str(spec.width),
+            "train": json.dumps(spec.train.to_dict())}
+    if "dnnshifter" in spec.methods:
+        info["imp"] = json.dumps(asdict(spec.imp))
+    if "reconvene" in spec.methods:
+        info["reconvene"] = json.dumps(asdict(spec.reconvene))
+    options = WriteOptions(tflite=spec.tflite, quantize=spec.quantize == "int8", keep_dominated=spec.keep_dominated)
     with staged_output(spec.out, spec.force) as staging:
-        built = _variants(build, levels, data, log)
-        info = {"method": "dnnshifter", "model": spec.model, "width": str(spec.width),
-                "train": json.dumps(spec.train.to_dict()), "imp": json.dumps(asdict(spec.imp))}
-        return export_classification(staging, name, data, built, spec.tflite, info, log)
+        return write_portfolio(staging, name, data, built, options, info, log)
 
 
-def _variants(build, levels: dict[int, Level], data: Dataset, log) -> list[BuiltVariant]:
-    """The dense model, each kept sparse level, and each level's structured (physically smaller) twin."""
-    example = data.test_x[:1]
-    probe = torch.randn(64, *data.input_shape, generator=torch.Generator().manual_seed(1))
-    variants = []
-    for level in sorted(levels):
-        sparse = build()
-        sparse.load_state_dict(levels[level].state)
-        sparse.eval()
-        metrics = {"accuracy": levels[level].accuracy, "dataset": data.name, "n": len(data.test_y)}
-        if level == 0:
-            variants.append(BuiltVariant(describe(sparse, "dense", "dense", None, 1.0, example, metrics, {}), sparse))
-            continue
-        sparse_id = f"imp-l{level:02d}-sparse"
-        details = {"imp_level": level}
-        variants.append(BuiltVariant(describe(sparse, sparse_id, "imp-sparse", "dense", levels[level].density,
-                                               example, metrics, details), sparse))
-        structured = copy.deepcopy(sparse)  # the step works in place; the sparse parent is a variant too
-        result = remove_dead_channels(structured, example, keep_outputs_of=classifier_of(structured))
-        diff = max(_max_diff(sparse, result.model, probe), _max_diff(sparse, result.model, data.test_x))
-        if diff > EXACT_ATOL:
-            raise ExportError(f"structured step of level {level} changed the outputs by {diff:.2e} "
-                              f"(limit {EXACT_ATOL}); this is a bug, please report it with the model name")
-        structured_details = {**details, "structured_ms": round(result.seconds * 1000, 1),
-                              "max_abs_diff_vs_parent": diff, "channels_removed": result.removed}
-        variants.append(BuiltVariant(describe(result.model, f"imp-l{level:02d}-structured", "imp-structured",
-                                               sparse_id, levels[level].density, example, metrics,
-                                               structured_details), result.model))
-        log(f"level {level}: density {levels[level].density:.3f}, accuracy {levels[level].accuracy:.3f}, "
-            f"structured step {result.seconds * 1000:.0f} ms, exact to {diff:.1e}")
-    return variants
-
-
-def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
-    return float((predict(a, x) - predict(b, x)).abs().max())
-
-
-def _load_pretrained(build, checkpoint: Path | None) -> dict | None:
-    if checkpoint is None:
-        return None
-    model = build()
-    load_checkpoint(model, checkpoint)  # raises a clear ExportError if it does not fit
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    rewind = saved.get("rewind") if isinstance(saved, dict) and "model" in saved else None
-    return {"model": model.state_dict(), "rewind": rewind}
+def _methods(spec: PortfolioSpec, fingerprint: dict) -> list[Method]:
+    made = {
+        "dnnshifter": lambda: DnnShifter(spec.imp, spec.levels, spec.run_dir, fingerprint),
+        "reconvene": lambda: Reconvene(spec.reconvene, tuple(spec.densities), spec.calibration_size,
+                                       spec.pai_unstructured),
+    }
+    return [made[name]() for name in spec.methods]

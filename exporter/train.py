@@ -16,7 +16,7 @@ from exporter.pruning.masks import Masks, apply_masks
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 4
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 # The smallest portfolio the exporter makes: a quarter-width ResNet trained for one epoch, and one
-# IMP level, giving the variants "dense", "imp-l01-sparse" and "imp-l01-structured" as ONNX and TFLite.
+# IMP level, giving the variants "dense", "imp-l01-sparse" (its structured step removes nothing at
+# that depth) and their int8 twins "dense-int8" and "imp-l01-sparse-int8", as ONNX and TFLite.
 SMALL_PORTFOLIO_ARGS = [
-    "--width", "0.25", "--epochs", "1", "--level-epochs", "1", "--imp-levels", "1",
-    "--rewind-iteration", "5", "--quiet",
+    "--model", "resnet20", "--width", "0.25", "--method", "dnnshifter", "--epochs", "1", "--level-epochs", "1",
+    "--imp-levels", "1", "--rewind-iteration", "5", "--keep-dominated", "--quiet",
 ]
+SMALL_PORTFOLIO_VARIANTS = ["dense", "imp-l01-sparse", "dense-int8", "imp-l01-sparse-int8"]
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +26,8 @@ def small_portfolio(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("small_portfolio") / "portfolio"
     assert main(["portfolio", "--out", str(out), *SMALL_PORTFOLIO_ARGS]) == 0, "the exporter failed"
-    Portfolio.open(out)  # fail here, not in every test, if the export is not a valid portfolio
+    variants = [v.id for v in Portfolio.open(out).manifest.variants]  # fail here, not in every test
+    assert variants == SMALL_PORTFOLIO_VARIANTS, f"the small portfolio changed: {variants}"
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from conftest import SMALL_PORTFOLIO_VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_check_verifies_and_health_checks_every_variant(small_portfolio, capsys):
     assert main(["check", str(small_portfolio), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "checksums and paths verified" in out and out.count(" ok") == 3
+    assert "checksums and paths verified" in out and out.count(" ok") == len(SMALL_PORTFOLIO_VARIANTS)
 
 
 def test_check_refuses_a_corrupt_portfolio_in_one_line(small_portfolio, tmp_path, capsys):
@@ -28,7 +29,7 @@ def test_check_refuses_a_corrupt_portfolio_in_one_line(small_portfolio, tmp_path
 def test_bench_prints_percentiles_and_stores_them_for_the_agent(small_portfolio, tmp_path, capsys):
     assert main(["bench", str(small_portfolio), "--runs", "5", "--threads", "1", "--state-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "p50 ms" in out and "imp-l01-structured" in out
+    assert "p50 ms" in out and "dense-int8" in out
     assert len(list((tmp_path / "bench").glob("*.json"))) == 1
 
 

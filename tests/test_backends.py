@@ -38,10 +38,13 @@ def test_every_variant_answers_like_the_samples_at_batch_1_and_8(small_portfolio
     assert len(x) == 8
     for variant in portfolio.manifest.variants:
         expected = samples.expected[variant.id]
+        file_format = get_backend(backend_name).file_format
+        # An int8 TFLite file answers like the int8 ONNX reference within what the exporter measured.
+        atol = max(1e-4, 10 * variant.files[file_format].max_abs_diff)
         with open_variant(portfolio, backend_name, variant.id) as session:
             for rows in (slice(0, 1), slice(0, 8), slice(0, 1), slice(3, 8), slice(0, 8)):  # batch sizes change
                 [logits] = session.run([x[rows]])
-                np.testing.assert_allclose(logits, expected[rows], atol=1e-4, rtol=0)
+                np.testing.assert_allclose(logits, expected[rows], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

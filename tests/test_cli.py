@@ -14,43 +14,86 @@ from exporter.cli import main
 from exporter.errors import ExportError
 from exporter.export import load_tflite_interpreter
 from exporter.models import build_model
+from exporter.selection import dominates
 
-TRAIN_TINY = ["--width", "0.25", "--epochs", "1", "--rewind-iteration", "5", "--quiet"]
-TINY = [*TRAIN_TINY, "--level-epochs", "1"]
+TRAIN_TINY = ["--model", "resnet20", "--width", "0.25", "--epochs", "1", "--rewind-iteration", "5", "--quiet"]
+TINY = [*TRAIN_TINY, "--method", "dnnshifter", "--level-epochs", "1", "--quantize", "none"]
 
 
 @pytest.fixture(scope="module")
 def portfolio_dir(tmp_path_factory) -> Path:
+    """Both classifier methods in one portfolio, with int8 twins; every variant kept, so each can be checked."""
     out = tmp_path_factory.mktemp("export") / "portfolio"
-    assert main(["portfolio", "--out", str(out), "--imp-levels", "2", "--prune-fraction", "0.5", *TINY]) == 0
+    assert main(["portfolio", "--out", str(out), *TRAIN_TINY, "--method", "dnnshifter,pai", "--level-epochs", "1",
+                 "--imp-levels", "2", "--prune-fraction", "0.5", "--densities", "0.25", "--synflow-rounds", "5",
+                 "--keep-dominated"]) == 0
     return out
 
 
-def test_small_imp_run_gives_a_portfolio_the_agent_contract_accepts(portfolio_dir):
-    portfolio = Portfolio.open(portfolio_dir)
-    manifest = portfolio.manifest
+def test_a_combined_portfolio_holds_both_methods_on_one_dense_parent(portfolio_dir):
+    manifest = Portfolio.open(portfolio_dir).manifest
+    by_id = {v.id: v for v in manifest.variants}
 
-    assert [v.id for v in manifest.variants] == ["dense", "imp-l02-sparse", "imp-l02-structured"]
-    assert [v.method for v in manifest.variants] == ["dense", "imp-sparse", "imp-structured"]
-    assert manifest.variant("imp-l02-structured").parent == "imp-l02-sparse"
-    assert manifest.variant("imp-l02-sparse").density == pytest.approx(0.25, abs=0.01)
-    assert manifest.variant("imp-l02-sparse").params_nonzero < manifest.variant("dense").params_nonzero
-    structured = manifest.variant("imp-l02-structured")
-    assert structured.details["max_abs_diff_vs_parent"] <= 1e-4
-    assert structured.metrics["accuracy"] == manifest.variant("imp-l02-sparse").metrics["accuracy"]
+    assert manifest.exporter["method"] == "dnnshifter,reconvene"
+    assert {"dense", "imp-l02-sparse", "pai-synflow-x4-structured"} <= set(by_id)
+    assert by_id["imp-l02-sparse"].parent == "dense" and by_id["imp-l02-sparse"].density == pytest.approx(0.25, abs=0.01)
+    assert by_id["imp-l02-sparse"].params_nonzero < by_id["dense"].params_nonzero
+    assert by_id["pai-synflow-x4-structured"].params < by_id["dense"].params
+    if "imp-l02-structured" in by_id:
+        structured = by_id["imp-l02-structured"]
+        assert structured.parent == "imp-l02-sparse" and structured.details["max_abs_diff_vs_parent"] <= 1e-4
+        assert structured.params < by_id["imp-l02-sparse"].params
+    else:  # nothing was empty at this depth: one variant, which says so
+        assert by_id["imp-l02-sparse"].details["structured_step"] == "removed nothing"
     assert manifest.inputs[0].shape == [-1, 3, 32, 32] and manifest.labels == [str(d) for d in range(10)]
-    for variant in manifest.variants:
-        assert set(variant.files) == {"onnx", "tflite"}
-        assert variant.host_latency_ms["p50"] <= variant.host_latency_ms["p95"]
     assert (portfolio_dir / "report.md").read_text().count("imp-l02-") >= 2
     assert (portfolio_dir / "pareto.png").stat().st_size > 1000
 
 
-def test_every_exported_file_answers_like_torch_did(portfolio_dir):
+def test_every_variant_is_a_distinct_model_timed_side_by_side(portfolio_dir):
+    manifest = Portfolio.open(portfolio_dir).manifest
+    digests = [v.files["onnx"].sha256 for v in manifest.variants]
+
+    assert len(set(digests)) == len(digests)
+    for variant in manifest.variants:
+        assert 0 < variant.host_latency_ms["p50"] <= variant.host_latency_ms["p95"]
+
+
+def test_every_float_variant_has_an_int8_twin_with_its_own_accuracy(portfolio_dir):
+    manifest = Portfolio.open(portfolio_dir).manifest
+    floats = [v for v in manifest.variants if not v.method.endswith("+int8")]
+    twins = {v.parent: v for v in manifest.variants if v.method.endswith("+int8")}
+
+    for float_variant in floats:
+        twin = twins[float_variant.id]
+        assert twin.id == f"{float_variant.id}-int8" and twin.method == f"{float_variant.method}+int8"
+        assert 0 <= twin.metrics["accuracy"] <= 1 and twin.metrics["n"] == float_variant.metrics["n"]
+        assert twin.files["onnx"].bytes < float_variant.files["onnx"].bytes
+
+
+def test_the_agent_health_checks_every_variant_of_the_combined_portfolio(portfolio_dir, capsys):
+    from agent.cli import main as agent_main
+
+    count = len(Portfolio.open(portfolio_dir).manifest.variants)
+    capsys.readouterr()
+    assert agent_main(["check", str(portfolio_dir), "--threads", "1"]) == 0
+    assert capsys.readouterr().out.count(" ok") == count
+
+
+def test_the_portfolio_ships_labelled_evaluation_data(portfolio_dir):
+    x, y = Portfolio.open(portfolio_dir).evaluation_data()
+
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == np.float32
+    assert len(x) == len(y) and set(np.unique(y)) <= set(range(10))
+
+
+def test_every_exported_float_file_answers_like_torch_did(portfolio_dir):
     portfolio = Portfolio.open(portfolio_dir)
     samples = portfolio.samples()
     x = samples.inputs[0]
     for variant in portfolio.manifest.variants:
+        if variant.method.endswith("+int8"):
+            continue
         expected = samples.expected[variant.id]
         session = ort.InferenceSession(str(portfolio.file_path(variant.id, "onnx")))
         assert np.abs(session.run(None, {"input": x})[0] - expected).max() <= 1e-4
@@ -62,10 +105,22 @@ def test_every_exported_file_answers_like_torch_did(portfolio_dir):
         assert np.abs(interpreter.get_tensor(out["index"]) - expected[:1]).max() <= 1e-4
 
 
+def test_dominated_variants_are_dropped_unless_asked_for(tmp_path):
+    out = tmp_path / "front"
+    assert main(["portfolio", "--out", str(out), *TINY, "--imp-levels", "2", "--no-tflite", "--quantize", "int8"]) == 0
+    manifest = Portfolio.open(out).manifest
+    variants = manifest.variants
+
+    assert variants[0].id == "dense"
+    assert not any(dominates(a, b) for a in variants for b in variants if b.id != "dense")
+    assert len({v.files["onnx"].sha256 for v in variants}) == len(variants)
+    assert sorted(p.name for p in (out / "variants").iterdir()) == sorted(f"{v.id}.onnx" for v in variants)
+
+
 def test_inspect_verifies_and_lists_the_variants(portfolio_dir, capsys):
     assert main(["inspect", str(portfolio_dir)]) == 0
     out = capsys.readouterr().out
-    assert "imp-l02-structured" in out and "matching its checksum" in out
+    assert "imp-l02-sparse" in out and "pai-synflow-x4-structured" in out and "matching its checksum" in out
 
 
 def test_inspect_refuses_a_tampered_portfolio(portfolio_dir, tmp_path, capsys):
@@ -104,6 +159,7 @@ def refused(argv: list[str], capsys) -> str:
     (["--data", "/no/such/data"], "/no/such/data"),
     (["--levels", "0,5", "--imp-levels", "2"], "level 5 was not trained"),
     (["--prune-fraction", "1.5"], "--prune-fraction"),
+    (["--densities", "0.5", "--method", "reconvene", "--scorer", "snap"], "unknown scorer 'snap'"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "portfolio"
@@ -141,8 +197,8 @@ def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     out = tmp_path / "portfolio"
 
     with pytest.raises(ExportError):
-        pipeline.build_portfolio(pipeline.PortfolioSpec(out=out, model="resnet20", width=0.25, levels=[0],
-                                                        imp=pipeline.ImpConfig(levels=0), progress=False,
+        pipeline.build_portfolio(pipeline.PortfolioSpec(out=out, model="resnet20", width=0.25, methods=("dnnshifter",),
+                                                        levels=[0], imp=pipeline.ImpConfig(levels=0), progress=False,
                                                         train=pipeline.TrainConfig(epochs=1)),
                                  log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
@@ -154,3 +210,16 @@ def test_console_script_reports_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("edgeshift-export: error: unknown model 'nosuch'")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("dnnshifter,prune-it-all", "unknown method 'prune-it-all'"),
+    ("pai,reconvene", "method 'reconvene' is named twice"),
+    ("dnnshifter,mosaic", "mosaic prunes causal LMs and combines with no other method"),
+])
+def test_a_bad_method_list_is_refused_before_any_work(tmp_path, capsys, methods, message):
+    with pytest.raises(SystemExit):
+        main(["portfolio", "--out", str(tmp_path / "p"), "--method", methods])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()

@@ -1,15 +1,36 @@
 """The demo scenario end to end at short durations: it serves throughout and reports what it did."""
+import json
+import shutil
+
 from agent.demo import run_demo
 
 
-def test_demo_serves_through_stress_and_reports(small_portfolio):
+def test_demo_serves_through_stress_and_reports_what_switching_bought(small_portfolio):
     lines = []
     latencies = run_demo(small_portfolio, rate_hz=100, calm_s=0.5, stress_s=1.0, after_s=0.5, print_fn=lines.append)
 
     text = "\n".join(lines)
     assert sum(len(v) for v in latencies.values()) > 50
+    assert "replaying evaluation inputs" in text
     assert "CPU stress on every core" in text and ", 0 failed;" in text
     assert "served by" in text and "p95 ms" in text
+    # It ends with the same schedule pinned to dense, and both runs side by side.
+    assert "again, pinned to dense, to see what switching bought" in text
+    assert "\nadaptive (this run) " in text and "\npinned dense " in text
+    assert "of requests within the SLO vs" in lines[-1] and "pinned to dense; effective accuracy" in lines[-1]
+
+
+def test_a_portfolio_without_evaluation_data_skips_the_comparison_in_one_line(small_portfolio, tmp_path):
+    portfolio = shutil.copytree(small_portfolio, tmp_path / "portfolio")
+    manifest = json.loads((portfolio / "manifest.json").read_text())
+    manifest["evaluation"] = None
+    (portfolio / "manifest.json").write_text(json.dumps(manifest))
+    lines = []
+    run_demo(portfolio, rate_hz=100, calm_s=0.3, stress_s=0.5, after_s=0.3, print_fn=lines.append)
+
+    assert "replaying samples" in "\n".join(lines)
+    assert lines[-1].startswith("no labelled evaluation data") and "no comparison" in lines[-1]
+    assert not any("switching answered" in line for line in lines)
 
 
 def test_fleet_demo_watches_the_device_and_deploys_a_second_release(small_portfolio):

@@ -169,7 +169,7 @@ def test_a_crashing_or_misbehaving_handler_is_an_error_result(agent):
 
 
 COMMAND_NAMES = ["ping", "status", "switch", "pin", "unpin", "set_policy", "bench", "deploy", "rollback"]
-VARIANTS = ["dense", "imp-l01-sparse", "imp-l01-structured"]
+VARIANTS = ["dense", "imp-l01-sparse", "dense-int8"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),

@@ -28,6 +28,7 @@ from agent.policy import PolicySettings
 from agent.portfolio import Portfolio
 from agent.profiles import load_profile
 from agent.service import Agent
+from conftest import SMALL_PORTFOLIO_VARIANTS
 from mqtt_broker import (Broker, free_port, make_certificates, mosquitto_available, plain_config, secure_config,
                          write_password_file)
 
@@ -270,7 +271,7 @@ COMMANDS = [  # name, args, what the result must hold
     ("pin", {"variant": "dense"}, lambda r: r["result"] == {"pin": "dense", "active": "dense"}),
     ("unpin", {}, lambda r: r["result"] == {"pin": None, "active": "dense"}),
     ("set_policy", {"latency_slo_ms": 900}, lambda r: r["result"]["settings"]["latency_slo_ms"] == 900),
-    ("bench", {"runs": 2}, lambda r: [v["count"] for v in r["result"]["variants"]] == [2, 2, 2]),
+    ("bench", {"runs": 2}, lambda r: [v["count"] for v in r["result"]["variants"]] == [2] * len(SMALL_PORTFOLIO_VARIANTS)),
     ("deploy", {"portfolio": "x"}, lambda r: r["error"] == "deploy is not available on this agent"),
     ("rollback", {}, lambda r: r["error"] == "rollback is not available on this agent"),
     ("reboot", {}, lambda r: r["error"].startswith("unknown command 'reboot'")),

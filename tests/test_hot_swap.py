@@ -97,10 +97,10 @@ def test_retired_variant_is_closed_only_after_its_last_request(small_portfolio):
     first = runtime._active
     assert first.enter()  # a request in flight on "dense"
 
-    runtime.switch("imp-l01-structured", "test")
+    runtime.switch("dense-int8", "test")
 
-    assert runtime.active == "imp-l01-structured"
-    assert runtime.resident() == ["imp-l01-structured"]
+    assert runtime.active == "dense-int8"
+    assert runtime.resident() == ["dense-int8"]
     x = portfolio.samples().inputs[0][:1]
     assert first.session.run([x])[0].shape == (1, 10)  # the in-flight request can still finish
     first.leave()

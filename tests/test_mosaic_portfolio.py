@@ -66,8 +66,8 @@ def test_the_portfolio_holds_every_method_and_validates(mosaic_portfolio):
 
 
 def test_the_composite_checkpoint_loads_back_smaller(mosaic_portfolio):
-    from exporter.llm.evaluate import parameter_count
-    from exporter.llm.load import load_causal_lm
+    from exporter.mosaic.evaluate import parameter_count
+    from exporter.mosaic.load import load_causal_lm
 
     model, _ = load_causal_lm(mosaic_portfolio.parent / "checkpoints" / "mosaic-composite-s50")
     manifest = Portfolio.open(mosaic_portfolio).manifest

@@ -50,6 +50,60 @@ def test_violation_steps_down_at_once_to_what_fits_under_the_measured_slowdown()
     assert "p95 40.0 ms > SLO 25.0 ms" in decision.reason
 
 
+def test_variants_whose_measured_latencies_overlap_cost_the_same_so_a_violation_does_not_switch_between_them():
+    # Three variants of the same architecture: bench ranges (p50 to p95) overlap, the p95 order is noise.
+    same_cost = [
+        Candidate("dense", quality=0.95, bench_p95_ms=2.5, memory_mb=10, bench_p50_ms=2.1),
+        Candidate("sparse", quality=0.94, bench_p95_ms=2.3, memory_mb=10, bench_p50_ms=2.0),
+        Candidate("sparse-more", quality=0.93, bench_p95_ms=2.4, memory_mb=10, bench_p50_ms=2.2),
+    ]
+    policy = Policy(same_cost, PolicySettings(latency_slo_ms=1.1))
+    decision = policy.decide(observe(100, "dense", p95=2.6))
+    assert decision.kind == "hold" and not decision.changed
+    assert "no variant is cheaper beyond noise" in decision.reason
+    # Nor from the variant with the lowest bench p95 of the three: the others are not cheaper either.
+    assert policy.decide(observe(200, "sparse", p95=2.6)).variant == "sparse"
+
+
+def test_a_step_down_goes_only_to_a_variant_cheaper_beyond_noise():
+    portfolio = [
+        Candidate("dense", quality=0.95, bench_p95_ms=4.0, memory_mb=10, bench_p50_ms=3.6),
+        Candidate("sparse", quality=0.94, bench_p95_ms=3.8, memory_mb=10, bench_p50_ms=3.5),  # same cost as dense
+        Candidate("structured", quality=0.90, bench_p95_ms=1.5, memory_mb=3, bench_p50_ms=1.3),
+    ]
+    policy = Policy(portfolio, PolicySettings(latency_slo_ms=5.0))
+    # 6 ms on a 4 ms bench: 1.5x slower, so sparse is "expected" at 5.7 ms and structured at 2.25 ms.
+    decision = policy.decide(observe(100, "dense", p95=6.0))
+    assert decision.kind == "step-down" and decision.variant == "structured"
+    assert "p95 6.0 ms > SLO 5.0 ms: structured expected at 2.2 ms" in decision.reason
+
+
+def test_when_nothing_fits_the_step_down_takes_the_most_accurate_of_the_cheapest():
+    portfolio = [
+        Candidate("dense", quality=0.95, bench_p95_ms=4.0, memory_mb=10, bench_p50_ms=3.6),
+        Candidate("structured", quality=0.90, bench_p95_ms=1.5, memory_mb=3, bench_p50_ms=1.2),
+        Candidate("structured-int8", quality=0.89, bench_p95_ms=1.4, memory_mb=1, bench_p50_ms=1.1),
+    ]
+    policy = Policy(portfolio, PolicySettings(latency_slo_ms=1.0))
+    decision = policy.decide(observe(100, "dense", p95=8.0))  # 2x slower: even the cheapest expects 2.8 ms
+    assert decision.variant == "structured" and "the cheapest; nothing fits" in decision.reason
+    assert policy.decide(observe(101, "structured", p95=3.0)).kind == "hold"
+
+
+def test_a_variant_busy_nearly_all_the_time_steps_down_before_its_queue_shows_in_latency():
+    portfolio = [
+        Candidate("dense", quality=0.95, bench_p95_ms=4.0, memory_mb=10, bench_p50_ms=3.0),
+        Candidate("structured", quality=0.93, bench_p95_ms=2.4, memory_mb=4, bench_p50_ms=1.5),
+        Candidate("tiny", quality=0.80, bench_p95_ms=1.0, memory_mb=1, bench_p50_ms=0.5),
+    ]
+    policy = Policy(portfolio, PolicySettings(latency_slo_ms=20.0, max_busy=0.8))
+    # Each answer takes 6 ms, well within 20 ms, but serving takes 95% of the time: requests queue.
+    decision = policy.decide(observe(100, "dense", p95=6.0, busy=0.95))
+    assert decision.kind == "step-down" and decision.variant == "structured"  # half the cost: ~48% busy
+    assert "busy 95% of the time > 80%" in decision.reason
+    assert policy.decide(observe(100, "dense", p95=6.0, busy=0.5)).kind == "hold"
+
+
 def test_too_few_samples_are_not_evidence_of_a_violation():
     policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, min_samples=20))
     decision = policy.decide(Observation(100, "imp-l03-structured", LatencySummary(5, 40.0, 40.0, 40.0)))
@@ -125,3 +179,11 @@ def test_latency_window_percentiles_and_horizon():
     assert (summary.count, summary.p50, summary.p95, summary.p99) == (100, 50.0, 95.0, 99.0)
     assert window.summary(now=1020.0).count == 0
     assert window.summary(now=1001.0, since=1000.5).count == 50
+
+
+def test_busy_share_is_the_time_spent_serving_over_the_window():
+    window = LatencyWindow(horizon_s=10)
+    for i in range(100):
+        window.add(50.0, now=1000.0 + i * 0.1)   # 50 ms of work every 100 ms
+    assert window.busy_share(now=1010.0) == pytest.approx(0.5)
+    assert window.busy_share(now=1010.0, since=1009.5) is None  # too short a span to say

@@ -20,6 +20,7 @@ from agent.portfolio import (
     TokenizerFile,
     Variant,
     file_entry,
+    save_evaluation,
     save_samples,
     sha256_file,
     tokenizer_entry,
@@ -246,6 +247,42 @@ def test_an_unknown_method_is_refused(tmp_path):
 
     with pytest.raises(PortfolioError, match=r"variants\[1\].method 'magic' is not known"):
         Portfolio.open(tmp_path)
+
+
+@pytest.mark.parametrize("method, known", [
+    ("imp-structured+int8", True), ("dense+int8", True), ("pai-structured+fp4", False), ("magic+int8", False),
+])
+def test_a_transform_suffix_names_a_quantized_twin(tmp_path, method, known):
+    write_portfolio(tmp_path)
+    edit_manifest(tmp_path, lambda data: data["variants"][1].update(method=method))
+
+    if known:
+        assert Portfolio.open(tmp_path).manifest.variants[1].method == method
+    else:
+        with pytest.raises(PortfolioError, match="is not known"):
+            Portfolio.open(tmp_path)
+
+
+def test_labelled_evaluation_data_is_verified_like_the_model_files(tmp_path):
+    manifest = make_manifest(tmp_path)
+    x, y = np.zeros((5, 1, 8, 8), np.float32), np.arange(5)
+    manifest.evaluation = save_evaluation(tmp_path, x, y)
+    write_manifest(tmp_path, manifest)
+
+    loaded_x, loaded_y = Portfolio.open(tmp_path).evaluation_data()
+    assert np.array_equal(loaded_x, x) and np.array_equal(loaded_y, y) and manifest.evaluation.count == 5
+    with open(tmp_path / "evaluation.npz", "ab") as stream:
+        stream.write(b"\0")
+    with pytest.raises(PortfolioError, match="evaluation.npz: size"):
+        Portfolio.open(tmp_path)
+
+
+def test_written_files_are_readable_by_an_agent_running_as_another_user(tmp_path):
+    write_portfolio(tmp_path)
+    save_samples(tmp_path, [np.zeros((1, 1, 8, 8), np.float32)], {"dense": np.zeros((1, 10), np.float32)})
+
+    for name in ("manifest.json", "samples.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
 
 
 def test_an_unknown_task_is_refused(tmp_path):

@@ -21,7 +21,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
     "mobilenetv2": mobilenetv2,
 }
-DEFAULT_MODEL = "resnet20"
+DEFAULT_MODEL = "vgg16"
 
 _MAX_LISTED_PROBLEMS = 3
 
