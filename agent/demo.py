@@ -192,16 +192,19 @@ def _print_event(event: Event, clock, print_fn) -> None:
 
 
 def _bench_lines(agent: Agent) -> str:
-    lines = [f"{'variant (most accurate first)':<30} {'accuracy':>8} {'bench p95 ms':>12}"]
+    width = max(30, *(len(c.id) for c in agent.policy.candidates))
+    lines = [f"{'variant (most accurate first)':<{width}} {'accuracy':>8} {'bench p50 ms':>12} {'bench p95 ms':>12}"]
     for c in agent.policy.candidates:
-        lines.append(f"{c.id:<30} {c.quality:>8.3f} {c.bench_p95_ms:>12.3f}")
+        p50 = f"{c.bench_p50_ms:>12.3f}" if c.bench_p50_ms is not None else f"{'-':>12}"
+        lines.append(f"{c.id:<{width}} {c.quality:>8.3f} {p50} {c.bench_p95_ms:>12.3f}")
     return "\n".join(lines)
 
 
 def _latency_lines(latencies: dict[str, list[float]]) -> str:
-    lines = [f"{'served by':<30} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"]
+    width = max(30, *(len(vid) for vid in latencies)) if latencies else 30
+    lines = [f"{'served by':<{width}} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"]
     for vid, values in sorted(latencies.items(), key=lambda item: -len(item[1])):
         values = sorted(values)
-        lines.append(f"{vid:<30} {len(values):>8} {percentile(values, 50):>8.3f} {percentile(values, 95):>8.3f} "
+        lines.append(f"{vid:<{width}} {len(values):>8} {percentile(values, 50):>8.3f} {percentile(values, 95):>8.3f} "
                      f"{percentile(values, 99):>8.3f}")
     return "\n".join(lines)
