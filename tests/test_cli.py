@@ -204,6 +204,25 @@ def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_variant_the_quantizer_cannot_take_keeps_its_float_form_with_a_warning(tmp_path, monkeypatch):
+    from exporter.quantize import QuantizationUnsupported
+
+    def refuse(root, parent, *args, **kwargs):
+        raise QuantizationUnsupported("onnxruntime's int8 quantizer cannot handle op ConvTranspose", op="ConvTranspose")
+    monkeypatch.setattr(writer, "quantize_variant", refuse)
+    lines = []
+
+    manifest = pipeline.build_portfolio(pipeline.PortfolioSpec(
+        out=tmp_path / "p", model="resnet20", width=0.25, methods=("dnnshifter",), levels=[0],
+        imp=pipeline.ImpConfig(levels=0), train=pipeline.TrainConfig(epochs=1), tflite=False, progress=False),
+        log=lines.append)
+
+    assert [v.id for v in manifest.variants] == ["dense"]
+    assert ("warning: no int8 twin of dense, keeping the float variant only: onnxruntime's int8 quantizer "
+            "cannot handle op ConvTranspose") in lines
+    assert sorted(p.name for p in (tmp_path / "p" / "variants").iterdir()) == ["dense.onnx"]
+
+
 def test_console_script_reports_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "exporter.cli", "portfolio", "--out", str(tmp_path / "p"),
                              "--model", "nosuch"], capture_output=True, text=True)
