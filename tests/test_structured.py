@@ -163,3 +163,46 @@ def test_grouped_conv_readers_are_never_misread():
     structured = copy.deepcopy(model)
     result = remove_dead_channels(structured, torch.randn(1, 3, 16, 16), keep_outputs_of=structured[5])
     assert max_diff(model, result.model, torch.randn(4, 3, 16, 16)) <= EXACT
+
+
+class PlusOne(nn.Module):
+    """relu(conv(x) + 1.0): a dead filter emits the constant 1, which the next layer reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x) + 1.0)
+        return self.fc(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("build, dead_layer", [(PlusOne, "conv1"), (GroupedConvNet, "conv2")])
+def test_a_removal_the_analysis_got_wrong_is_caught_and_its_group_kept(build, dead_layer):
+    """Issue 11's cases: a constant added after the conv (inexact), filters of a grouped conv (crash)."""
+    torch.manual_seed(0)
+    sparse = build().eval()
+    with torch.no_grad():
+        conv = getattr(sparse, dead_layer)
+        conv.weight[:3] = 0
+        conv.bias[:3] = 0
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=None)
+
+    assert result.fallback is not None  # the one-pass removal broke the model...
+    assert dead_layer in result.kept and result.kept[dead_layer]  # ...so that group stays, with the reason
+    assert max_diff(sparse, result.model, x) <= EXACT and result.model is not sparse

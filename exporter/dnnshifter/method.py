@@ -56,8 +56,20 @@ class DnnShifter:
         metrics = {"accuracy": trained.accuracy, "dataset": data.name, "n": len(data.test_y)}
         sparse_id = f"imp-l{level:02d}-sparse"
         structured = copy.deepcopy(sparse)  # the step works in place; the sparse parent is a variant too
-        result = remove_dead_channels(structured, example, keep_outputs_of=classifier_of(structured))
+        try:
+            result = remove_dead_channels(structured, example, keep_outputs_of=classifier_of(structured))
+        except Exception as error:  # torch-pruning cannot trace the model: ship the sparse level alone
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            context.log(f"warning: level {level}: the structured step cannot trace this model, so the level ships as "
+                        f"its sparse variant only: {reason}")
+            yield BuiltVariant(describe(sparse, sparse_id, "imp-sparse", "dense", trained.density, example, metrics,
+                                        {"imp_level": level, "structured_step": f"skipped: {reason}"}), sparse)
+            return
         step = {"imp_level": level, "structured_ms": round(result.seconds * 1000, 1)}
+        if result.fallback is not None:
+            step["structured_kept"] = {"because": result.fallback, "groups": result.kept}
+            context.log(f"warning: level {level}: removing every dead channel at once was not exact "
+                        f"({result.fallback}); kept {len(result.kept)} coupling group(s): {', '.join(result.kept)}")
         if not result.removed:
             context.log(f"level {level}: density {trained.density:.3f}, accuracy {trained.accuracy:.3f}; "
                         f"the structured step found no channel to remove, so the level is one variant")

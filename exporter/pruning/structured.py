@@ -7,9 +7,15 @@ A channel leaves the model when removing it cannot change any output:
 Torch-Pruning's DependencyGraph supplies the coupling (BN, residual adds, depthwise convs,
 the classifier's inputs). A channel that is merely small, or a BN constant that is not zero,
 stays: that is what keeps the removal exact, unlike removing zero filters outright.
+
+What the analysis proves, the step then checks: the smaller model runs on probe inputs and must
+answer like the sparse one. If it crashes or differs (an op the analysis does not model, say),
+the step starts again from the sparse model one coupling group at a time, keeps every group whose
+removal breaks exactness, and says which and why: it always returns an exact model.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -20,26 +26,58 @@ import torch_pruning as tp
 from exporter.pruning.liveness import block_nonzero, is_depthwise, zero_output_channels
 
 
+EXACT_ATOL = 1e-4      # relative to max(1, |output|): what "answers like the sparse model" means
+PROBE_COUNT = 8        # random inputs the result is checked on, besides the example input
+_MAX_ROUNDS = 3        # group-by-group rounds: a removal can leave other channels unread
+
+
 @dataclass
 class StructuredResult:
     model: nn.Module
     removed: dict[str, int] = field(default_factory=dict)  # root layer name -> channels removed
     seconds: float = 0.0
+    kept: dict[str, str] = field(default_factory=dict)     # root layer name -> why its dead channels stay
+    fallback: str | None = None  # why the one-pass removal was not used (then `model` is a rebuilt copy)
 
 
-def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, keep_outputs_of: nn.Module | None = None,
+def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, keep_outputs_of: nn.Module | None = None,
                          dg: tp.DependencyGraph | None = None) -> StructuredResult:
-    """Remove `model`'s dead channels, in place (copy it first to keep the sparse parent).
+    """Remove `model`'s dead channels and check the result answers like `model` did; use `result.model`.
 
-    `keep_outputs_of` (the classifier) keeps its outputs. `dg`, the model's traced graph when the
-    caller has it already, is used and changed. `seconds` is the whole step: tracing the graph,
-    proving which channels are dead, and rebuilding the layers.
+    The removal works in place and `result.model is model`, unless the check fails: then `model`
+    may be left half-changed and `result.model` is a copy rebuilt group by group (see `fallback`
+    and `kept`). `keep_outputs_of` (the classifier) keeps its outputs. `dg`, the model's traced
+    graph when the caller has it already, is used and changed, and the caller checks the result
+    (Reconvene changes the model's weights around the step). `seconds` is the whole step.
     """
     started = time.perf_counter()
     model.eval()
+    ignored = [keep_outputs_of] if keep_outputs_of is not None else []
+    if dg is not None:
+        removed = _remove_in_place(model, example_input, ignored, dg)
+        return StructuredResult(model=model, removed=removed, seconds=time.perf_counter() - started)
+
+    names = {module: name for name, module in model.named_modules()}
+    keep_name = names.get(keep_outputs_of) if keep_outputs_of is not None else None
+    original = copy.deepcopy(model)
+    probe = _probe_inputs(example_input)
+    expected = _outputs(original, probe)
+    try:
+        removed = _remove_in_place(model, example_input, ignored, None)
+        problem = _mismatch(model, probe, expected)
+    except Exception as error:  # an op the analysis does not model can break the rebuilt layers any way
+        problem = _one_line(error)
+    if problem is None:
+        return StructuredResult(model=model, removed=removed, seconds=time.perf_counter() - started)
+    rebuilt, removed, kept = _remove_group_by_group(original, example_input, keep_name, probe, expected)
+    return StructuredResult(model=rebuilt, removed=removed, seconds=time.perf_counter() - started, kept=kept,
+                            fallback=problem)
+
+
+def _remove_in_place(model: nn.Module, example_input: torch.Tensor | None, ignored: list[nn.Module],
+                     dg: tp.DependencyGraph | None) -> dict[str, int]:
     if dg is None:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    ignored = [keep_outputs_of] if keep_outputs_of is not None else []
     zero = zero_output_channels(dg)  # indexed by channels as they are now; valid until a module's outputs shrink
     removed: dict[str, int] = {}
 
@@ -59,7 +97,88 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, keep_out
             progress = True
         if not progress and not with_zero_analysis:
             break
-    return StructuredResult(model=model, removed=removed, seconds=time.perf_counter() - started)
+    return removed
+
+
+def _remove_group_by_group(original: nn.Module, example_input: torch.Tensor, keep_name: str | None,
+                           probe: torch.Tensor, expected: torch.Tensor) -> tuple[nn.Module, dict[str, int], dict[str, str]]:
+    """Remove one coupling group at a time from a copy of `original`, checking each; keep the ones that break it."""
+    current = copy.deepcopy(original)
+    removed: dict[str, int] = {}
+    kept: dict[str, str] = {}
+    for _ in range(_MAX_ROUNDS):
+        progress = False
+        for name in _dead_group_roots(current, example_input, keep_name):
+            if name in kept:
+                continue
+            trial = copy.deepcopy(current)
+            try:
+                count = _remove_group(trial, example_input, keep_name, name)
+                problem = _mismatch(trial, probe, expected) if count else None
+            except Exception as error:
+                count, problem = 0, _one_line(error)
+            if problem is not None:
+                kept[name] = problem
+            elif count:
+                current, removed[name], progress = trial, removed.get(name, 0) + count, True
+        if not progress:
+            break
+    return current, removed, kept
+
+
+def _dead_group_roots(model: nn.Module, example_input: torch.Tensor, keep_name: str | None) -> list[str]:
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    zero = zero_output_channels(dg)
+    return [dg._module2name.get(group[0].dep.target.module, "") for group in _groups(dg, model, keep_name)
+            if _dead_root_indices(dg, group, zero)]
+
+
+def _remove_group(model: nn.Module, example_input: torch.Tensor, keep_name: str | None, root_name: str) -> int:
+    """Remove the dead channels of the one coupling group rooted at `root_name`; how many went."""
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    zero = zero_output_channels(dg)
+    for group in _groups(dg, model, keep_name):
+        root = group[0].dep.target.module
+        if dg._module2name.get(root) != root_name:
+            continue
+        dead = _dead_root_indices(dg, group, zero)
+        if len(dead) == len(group[0].idxs):
+            dead = dead[1:]
+        if dead:
+            dg.get_pruning_group(root, group[0].dep.handler, dead).prune()
+        return len(dead)
+    return 0
+
+
+def _groups(dg: tp.DependencyGraph, model: nn.Module, keep_name: str | None):
+    ignored = [model.get_submodule(keep_name)] if keep_name else []
+    return dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear))
+
+
+def _probe_inputs(example_input: torch.Tensor) -> torch.Tensor:
+    example = example_input.detach().float()
+    noise = torch.randn(PROBE_COUNT, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    return torch.cat([example, noise])
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _mismatch(model: nn.Module, probe: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when `model` answers like the sparse model did on the probe inputs, else what differs."""
+    actual = _outputs(model, probe)
+    if actual.shape != expected.shape:
+        return f"outputs of shape {list(actual.shape)} instead of {list(expected.shape)}"
+    diff = float((actual - expected).abs().max())
+    tolerance = EXACT_ATOL * max(1.0, float(expected.abs().max()))
+    return None if diff <= tolerance else f"outputs differ by {diff:.1e} (tolerance {tolerance:.1e})"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _dead_root_indices(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torch.Tensor]) -> list[int]:
