@@ -28,6 +28,8 @@ METHODS = frozenset(
         "mosaic-layer",
         "mosaic-unstructured",
         "mosaic-composite",
+        "sparse",
+        "structured",
     }
 )
 # A transform of a variant (int8 quantization) appends "+<transform>" to its method: "imp-structured+int8".

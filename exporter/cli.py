@@ -95,6 +95,17 @@ def _mosaic_portfolio(args) -> int:
     return 0
 
 
+def _structure(args) -> int:
+    from exporter.dnnshifter.own_model import StructureSpec, build_structured_portfolio
+
+    spec = StructureSpec(out=args.out, model=args.model, checkpoint=args.checkpoint, input_shape=args.input_shape,
+                         num_classes=args.num_classes, data=args.data, quantize=args.quantize == "int8",
+                         tflite=not args.no_tflite, name=args.name, force=args.force)
+    manifest = build_structured_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+    print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
+    return 0
+
+
 def _inspect(args) -> int:
     from exporter.report import variant_table
 
@@ -142,6 +153,16 @@ def _comma_list(convert, plural: str, example: str, valid, rule: str):
             raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
         return values
     return parse
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"input shape must be three positive integers C,H,W like 3,32,32, got {text!r}")
+    return shape
 
 
 def _method_list(text: str) -> list[str]:
@@ -236,6 +257,21 @@ def _parser() -> argparse.ArgumentParser:
     pai.add_argument("--calibration-size", type=int, default=PortfolioSpec.calibration_size,
                      help="images SNIP and GraSP score on")
     portfolio.set_defaults(run=_portfolio)
+
+    structure = commands.add_parser("structure", help="your own sparse model and its exact smaller twin: a portfolio")
+    structure.add_argument("--model", required=True, help="package.module:factory (called with num_classes=) or a zoo name")
+    structure.add_argument("--checkpoint", type=Path, required=True, help="the sparse model's state_dict (.pt)")
+    structure.add_argument("--input-shape", type=_input_shape, required=True, help="C,H,W, e.g. 3,32,32")
+    structure.add_argument("--num-classes", type=int, required=True)
+    structure.add_argument("--data", help="labelled data for accuracies and int8 twins: 'digits', a CIFAR-10 "
+                                          "directory or an .npz with x and y (default: none, random check inputs)")
+    structure.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
+    structure.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8", help="int8 twins (needs --data)")
+    structure.add_argument("--no-tflite", action="store_true", help="export ONNX only")
+    structure.add_argument("--name", help="portfolio name (default: <factory>-structured)")
+    structure.add_argument("--force", action="store_true", help="replace an existing output")
+    structure.add_argument("--quiet", action="store_true")
+    structure.set_defaults(run=_structure)
 
     inspect = commands.add_parser("inspect", help="verify a portfolio and print its variants")
     inspect.add_argument("dir", type=Path)

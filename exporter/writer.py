@@ -57,6 +57,7 @@ class WriteOptions:
     tflite: bool = True            # a TFLite file beside each ONNX one
     quantize: bool = True          # an int8 twin of every float variant
     keep_dominated: bool = False   # keep variants off the accuracy/latency front too
+    labelled: bool = True          # the data's test labels are real: accuracy and evaluation.npz mean something
 
 
 @dataclass
@@ -100,7 +101,8 @@ def write_portfolio(root: Path, name: str, data: Dataset, built: list[BuiltVaria
         variants=kept, default_variant=kept[0].id,
         labels=list(data.labels), preprocessing=Preprocessing(**data.preprocessing),
         exporter={**exporter_versions(), **exporter_info},
-        evaluation=save_evaluation(root, data.test_x[:EVALUATION_COUNT].numpy(), data.test_y[:EVALUATION_COUNT].numpy()),
+        evaluation=save_evaluation(root, data.test_x[:EVALUATION_COUNT].numpy(), data.test_y[:EVALUATION_COUNT].numpy())
+        if options.labelled else None,
     )
     write_manifest(root, manifest)
     write_report(root, manifest)
