@@ -9,6 +9,12 @@ runs), and the largest output difference between the two on the test set.
     python bench/structured.py --models vgg16 --width 0.25 --levels 10 --level-epochs 1   # a quick look
 
 IMP checkpoints go to --run-dir (default build/bench-imp), so a second run only re-measures.
+
+    python bench/structured.py --families              # transformers families with planted dead filters (~15 s)
+
+prints, per family, the planted dead filters, the channels the step removed (dead filters and the
+channels their removal left unread) and their share of the planted ones, the coupling groups it
+kept after its own check, the max |diff| against the sparse model and the step's wall time.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from exporter.data import load_dataset  # noqa: E402
 from exporter.export import export_onnx  # noqa: E402
 from exporter.latency import interleaved_latency_ms  # noqa: E402
@@ -32,6 +40,9 @@ from exporter.train import TrainConfig, predict, seeded  # noqa: E402
 
 def main() -> None:
     args = _arguments()
+    if args.families:
+        _bench_families()
+        return
     data = load_dataset("digits", seed=args.seed)
     print(f"digits: {len(data.train_y)} train / {len(data.test_y)} test; dense {args.epochs} epochs, "
           f"{args.level_epochs} epochs per IMP level, 20% pruned per level, rewind to iteration {args.rewind}")
@@ -72,6 +83,21 @@ def _bench_model(name: str, data, args) -> None:
                   flush=True)
 
 
+def _bench_families() -> None:
+    from bench.families import families, plant_dead_filters
+
+    print(f"{'family':<14} {'planted':>8} {'removed':>8} {'share':>7} {'kept':>5} {'max |diff|':>11} {'step ms':>8}")
+    for name, (build, _) in sorted(families().items()):
+        sparse = build()
+        planted = plant_dead_filters(sparse)
+        x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        result = remove_dead_channels(copy.deepcopy(sparse), x[:1])
+        diff = float((predict(sparse, x) - predict(result.model, x)).abs().max())
+        removed = sum(result.removed.values())
+        print(f"{name:<14} {planted:>8} {removed:>8} {removed / max(1, planted):>7.0%} {len(result.kept):>5} "
+              f"{diff:>11.1e} {result.seconds * 1000:>8.0f}")
+
+
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vgg16,resnet56")
@@ -86,6 +112,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=Path("build/bench-imp"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--families", action="store_true", help="the transformers families table instead")
     return parser.parse_args()
 
 
