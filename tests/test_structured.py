@@ -206,3 +206,34 @@ def test_a_removal_the_analysis_got_wrong_is_caught_and_its_group_kept(build, de
     assert result.fallback is not None  # the one-pass removal broke the model...
     assert dead_layer in result.kept and result.kept[dead_layer]  # ...so that group stays, with the reason
     assert max_diff(sparse, result.model, x) <= EXACT and result.model is not sparse
+
+
+class DenseBlock(nn.Module):
+    """DenseNet's pattern: every layer reads the concatenation of all earlier outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        a = torch.relu(self.conv1(x))
+        b = torch.relu(self.conv2(a))
+        return self.fc(torch.relu(self.conv3(torch.cat([a, b], dim=1))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("dead_layer, removed", [("conv2", {"conv2": 3}), ("conv1", {"conv1": 3})])
+def test_dead_channels_are_removed_through_a_concatenation(dead_layer, removed):
+    torch.manual_seed(0)
+    sparse = DenseBlock().eval()
+    with torch.no_grad():
+        getattr(sparse, dead_layer).weight[:3] = 0
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=None)
+
+    assert result.removed == removed and result.fallback is None
+    assert result.model.conv3.in_channels == 13  # the concatenation's reader lost the same 3 channels
+    assert max_diff(sparse, result.model, x) <= EXACT

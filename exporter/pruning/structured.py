@@ -220,6 +220,10 @@ def _plain_reader(module: nn.Module) -> bool:
 
 
 def _passes_channels_through(module: nn.Module) -> bool:
-    """Modules that read a channel only to pass it on, so they are not its final readers."""
+    """Modules that read a channel only to pass it on, so they are not its final readers.
+
+    A concatenation passes each input channel on at an offset; torch-pruning's group indexes its
+    readers at that offset (`item.idxs`), which is what `_dead_root_indices` reads them by.
+    """
     return is_depthwise(module) or isinstance(
-        module, (nn.modules.batchnorm._BatchNorm, tp.ops._ElementWiseOp, tp.ops._ReshapeOp))
+        module, (nn.modules.batchnorm._BatchNorm, tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp))
