@@ -100,23 +100,10 @@ class ReplaySource:
         self.stop()
 
     def _replay(self) -> None:
-        period = 1.0 / self.rate_hz
-        start = time.monotonic()
-        end = math.inf if self.duration_s is None else start + self.duration_s
-        slot = 0
-        while True:
-            due = start + slot * period
-            if due >= end:
-                return
-            if self._stop.wait(max(0.0, due - time.monotonic())):
-                return
-            self._call(self._batch(slot))
-            slot += 1
-            slots_due = math.floor((time.monotonic() - start) / period) + 1
-            behind = slots_due - slot
-            if behind > _MAX_CATCH_UP:
-                self.skipped += behind - _MAX_CATCH_UP
-                slot += behind - _MAX_CATCH_UP
+        pace(self.rate_hz, self._stop, lambda slot, due: self._call(self._batch(slot)), self._skip, self.duration_s)
+
+    def _skip(self, slot: int, due: float) -> None:
+        self.skipped += 1
 
     def _batch(self, slot: int) -> np.ndarray:
         rows = np.arange(slot * self.batch_size, (slot + 1) * self.batch_size) % len(self.inputs)
@@ -129,6 +116,29 @@ class ReplaySource:
         except Exception as error:
             self.failed += 1
             self._errors.append(f"{type(error).__name__}: {error}")
+
+
+def pace(rate_hz: float, stop: threading.Event, send: Callable[[int, float], None],
+         skip: Callable[[int, float], None], duration_s: float | None = None) -> None:
+    """Call send(slot, due) on the absolute schedule due = start + slot / rate_hz until `stop` is set.
+
+    Slow calls do not accumulate drift: when behind, at most a couple of calls go back to back and
+    each older missed slot is passed to skip(slot, due) instead.
+    """
+    period = 1.0 / rate_hz
+    start = time.monotonic()
+    end = math.inf if duration_s is None else start + duration_s
+    slot = 0
+    while True:
+        due = start + slot * period
+        if due >= end or stop.wait(max(0.0, due - time.monotonic())):
+            return
+        send(slot, due)
+        slot += 1
+        behind = math.floor((time.monotonic() - start) / period) + 1 - slot
+        for missed in range(slot, slot + max(0, behind - _MAX_CATCH_UP)):
+            skip(missed, start + missed * period)
+        slot += max(0, behind - _MAX_CATCH_UP)
 
 
 def _load_inputs(path: Path) -> np.ndarray:

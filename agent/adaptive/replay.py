@@ -1,13 +1,12 @@
 """Labelled inputs sent open loop at a fixed rate, each request recorded as a client sees it.
 
-Like agent.workload.ReplaySource, calls follow an absolute schedule (start + k / rate) from one
-thread, at most a couple back to back when behind, older missed slots skipped. A request's
+On agent.workload's pace, as ReplaySource: calls follow an absolute schedule (start + k / rate)
+from one thread, at most a couple back to back when behind, older missed slots skipped. A request's
 latency runs from its scheduled send time to its answer, so time spent queued behind slow
 answers counts; a skipped slot is a request that was never answered.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -16,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.runtime import InferResult
-
-_MAX_CATCH_UP = 2
+from agent.workload import pace
 
 
 @dataclass(frozen=True)
@@ -56,16 +54,8 @@ class LabelledReplay:
         self._thread.join()
 
     def _replay(self) -> None:
-        period = 1.0 / self.rate_hz
-        start = time.monotonic()
-        slot = 0
-        while not self._stop.wait(max(0.0, start + slot * period - time.monotonic())):
-            self.requests.append(self._send(slot, start + slot * period))
-            slot += 1
-            behind = math.floor((time.monotonic() - start) / period) + 1 - slot
-            for missed in range(slot, slot + max(0, behind - _MAX_CATCH_UP)):
-                self.requests.append(Request(self.phase, start + missed * period, outcome="skipped"))
-            slot += max(0, behind - _MAX_CATCH_UP)
+        pace(self.rate_hz, self._stop, lambda slot, due: self.requests.append(self._send(slot, due)),
+             lambda slot, due: self.requests.append(Request(self.phase, due, outcome="skipped")))
 
     def _send(self, slot: int, due: float) -> Request:
         i = slot % len(self.x)
