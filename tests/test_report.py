@@ -101,21 +101,21 @@ def timed_variant(variant_id: str, method: str, parent: str | None, accuracy: fl
 def mixed_manifest() -> Manifest:
     """A portfolio mixing dense, IMP and PAI variants with int8 twins; latencies cluster near 0.27, 0.5 and 0.65 ms."""
     return digits_manifest([
-            timed_variant("dense", "dense", None, 0.970, 1.60, 470),
-            timed_variant("dense-int8", "dense+int8", "dense", 0.968, 0.52, 120),
-            timed_variant("imp-s50", "imp-structured", "dense", 0.955, 0.80, 235),
-            timed_variant("imp-s70", "imp-structured", "imp-s50", 0.931, 0.50, 140),
-            timed_variant("imp-s50-int8", "imp-structured+int8", "imp-s50", 0.953, 0.27, 60),
-            timed_variant("imp-s70-int8", "imp-structured+int8", "imp-s70", 0.925, 0.21, 36),
-            timed_variant("pai-s50", "pai-structured", "dense", 0.958, 0.81, 236),
-            timed_variant("pai-s70", "pai-structured", "dense", 0.944, 0.51, 141),
-            timed_variant("pai-s50-int8", "pai-structured+int8", "pai-s50", 0.956, 0.28, 61),
-            timed_variant("pai-s60-int8", "pai-structured+int8", "pai-s50", 0.954, 0.275, 55),
-            timed_variant("imp-s60", "imp-structured", "imp-s50", 0.950, 0.65, 190),
-            timed_variant("pai-s60", "pai-structured", "pai-s50", 0.951, 0.66, 189),
-            timed_variant("pai-s70-int8", "pai-structured+int8", "pai-s70", 0.940, 0.22, 37),
-            timed_variant("imp-u90", "imp-sparse", "dense", 0.921, 1.59, 470),
-            timed_variant("imp-u90-int8", "imp-sparse+int8", "imp-u90", 0.915, None, 120),  # not timed
+        timed_variant("dense", "dense", None, 0.970, 1.60, 470),
+        timed_variant("dense-int8", "dense+int8", "dense", 0.968, 0.52, 120),
+        timed_variant("imp-s50", "imp-structured", "dense", 0.955, 0.80, 235),
+        timed_variant("imp-s70", "imp-structured", "imp-s50", 0.931, 0.50, 140),
+        timed_variant("imp-s50-int8", "imp-structured+int8", "imp-s50", 0.953, 0.27, 60),
+        timed_variant("imp-s70-int8", "imp-structured+int8", "imp-s70", 0.925, 0.21, 36),
+        timed_variant("pai-s50", "pai-structured", "dense", 0.958, 0.81, 236),
+        timed_variant("pai-s70", "pai-structured", "dense", 0.944, 0.51, 141),
+        timed_variant("pai-s50-int8", "pai-structured+int8", "pai-s50", 0.956, 0.28, 61),
+        timed_variant("pai-s60-int8", "pai-structured+int8", "pai-s50", 0.954, 0.275, 55),
+        timed_variant("imp-s60", "imp-structured", "imp-s50", 0.950, 0.65, 190),
+        timed_variant("pai-s60", "pai-structured", "pai-s50", 0.951, 0.66, 189),
+        timed_variant("pai-s70-int8", "pai-structured+int8", "pai-s70", 0.940, 0.22, 37),
+        timed_variant("imp-u90", "imp-sparse", "dense", 0.921, 1.59, 470),
+        timed_variant("imp-u90-int8", "imp-sparse+int8", "imp-u90", 0.915, None, 120),  # not timed
     ])
 
 

@@ -18,12 +18,9 @@ from exporter.dnnshifter.imp import ImpConfig, run_imp
 from exporter.errors import ExportError
 from exporter.methods import Context
 from exporter.models import classifier_of
-from exporter.pruning.structured import remove_dead_channels
+from exporter.pruning.structured import EXACT_ATOL, remove_dead_channels
 from exporter.train import predict
 from exporter.writer import BuiltVariant, describe
-
-EXACT_ATOL = 1e-4      # structured vs sparse parent, max abs difference on logits
-
 
 @dataclass
 class DnnShifter:
@@ -65,11 +62,9 @@ class DnnShifter:
             yield BuiltVariant(describe(sparse, sparse_id, "imp-sparse", "dense", trained.density, example, metrics,
                                         {"imp_level": level, "structured_step": f"skipped: {reason}"}), sparse)
             return
-        step = {"imp_level": level, "structured_ms": round(result.seconds * 1000, 1)}
-        if result.fallback is not None:
-            step["structured_kept"] = {"because": result.fallback, "groups": result.kept}
-            context.log(f"warning: level {level}: removing every dead channel at once was not exact "
-                        f"({result.fallback}); kept {len(result.kept)} coupling group(s): {', '.join(result.kept)}")
+        step = {"imp_level": level, "structured_ms": round(result.seconds * 1000, 1), **result.kept_details()}
+        if result.kept_warning():
+            context.log(f"warning: level {level}: {result.kept_warning()}")
         if not result.removed:
             context.log(f"level {level}: density {trained.density:.3f}, accuracy {trained.accuracy:.3f}; "
                         f"the structured step found no channel to remove, so the level is one variant")

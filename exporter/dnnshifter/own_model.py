@@ -49,18 +49,20 @@ def build_structured_portfolio(spec: StructureSpec, log=print) -> Manifest:
     example = data.test_x[:1]
     _check_runs(model, example, spec)
     labelled = spec.data is not None
-    metrics = lambda m: {"accuracy": evaluate(m, data.test_x, data.test_y), "dataset": data.name,  # noqa: E731
-                         "n": len(data.test_y)} if labelled else {}
+
+    def metrics(m: nn.Module) -> dict:
+        return {"accuracy": evaluate(m, data.test_x, data.test_y), "dataset": data.name,
+                "n": len(data.test_y)} if labelled else {}
+
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     density = nonzero / max(1, sum(p.numel() for p in model.parameters()))
 
     structured = copy.deepcopy(model)  # the step works in place; the sparse model is a variant too
     result = remove_dead_channels(structured, example, keep_outputs_of=_classifier(structured))
-    details = {"structured_ms": round(result.seconds * 1000, 1), "checkpoint": str(spec.checkpoint)}
-    if result.fallback is not None:
-        details["structured_kept"] = {"because": result.fallback, "groups": result.kept}
-        log(f"warning: removing every dead channel at once was not exact ({result.fallback}); "
-            f"kept {len(result.kept)} coupling group(s): {', '.join(result.kept)}")
+    details = {"structured_ms": round(result.seconds * 1000, 1), "checkpoint": str(spec.checkpoint),
+               **result.kept_details()}
+    if result.kept_warning():
+        log(f"warning: {result.kept_warning()}")
     built = [BuiltVariant(describe(model, "sparse", "sparse", None, density, example, metrics(model),
                                    {} if result.removed else {**details, "structured_step": "removed nothing"}), model)]
     if result.removed:

@@ -39,6 +39,16 @@ class StructuredResult:
     kept: dict[str, str] = field(default_factory=dict)     # root layer name -> why its dead channels stay
     fallback: str | None = None  # why the one-pass removal was not used (then `model` is a rebuilt copy)
 
+    def kept_details(self) -> dict:
+        """For a variant's details: what the check made the step keep, and why (empty when it kept nothing)."""
+        return {} if self.fallback is None else {"structured_kept": {"because": self.fallback, "groups": self.kept}}
+
+    def kept_warning(self) -> str | None:
+        if self.fallback is None:
+            return None
+        return (f"removing every dead channel at once was not exact ({self.fallback}); "
+                f"kept {len(self.kept)} coupling group(s): {', '.join(self.kept)}")
+
 
 def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, keep_outputs_of: nn.Module | None = None,
                          dg: tp.DependencyGraph | None = None) -> StructuredResult:
@@ -83,18 +93,12 @@ def _remove_in_place(model: nn.Module, example_input: torch.Tensor | None, ignor
 
     for with_zero_analysis in (True, False, False):  # later passes catch channels whose readers were removed
         progress = False
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-            dead = _dead_root_indices(dg, group, zero if with_zero_analysis else {})
-            width = len(group[0].idxs)
-            if len(dead) == width:
-                dead = dead[1:]  # a layer needs one channel; the kept one is dead, so outputs stay exact
-            if not dead:
-                continue
-            root = group[0].dep.target.module
-            dg.get_pruning_group(root, group[0].dep.handler, dead).prune()
-            name = dg._module2name.get(root, type(root).__name__)
-            removed[name] = removed.get(name, 0) + len(dead)
-            progress = True
+        for group in _groups(dg, ignored):
+            count = _prune_dead(dg, group, zero if with_zero_analysis else {})
+            if count:
+                name = _root_name(dg, group)
+                removed[name] = removed.get(name, 0) + count
+                progress = True
         if not progress and not with_zero_analysis:
             break
     return removed
@@ -129,7 +133,7 @@ def _remove_group_by_group(original: nn.Module, example_input: torch.Tensor, kee
 def _dead_group_roots(model: nn.Module, example_input: torch.Tensor, keep_name: str | None) -> list[str]:
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     zero = zero_output_channels(dg)
-    return [dg._module2name.get(group[0].dep.target.module, "") for group in _groups(dg, model, keep_name)
+    return [_root_name(dg, group) for group in _groups(dg, _kept_outputs(model, keep_name))
             if _dead_root_indices(dg, group, zero)]
 
 
@@ -137,22 +141,31 @@ def _remove_group(model: nn.Module, example_input: torch.Tensor, keep_name: str 
     """Remove the dead channels of the one coupling group rooted at `root_name`; how many went."""
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     zero = zero_output_channels(dg)
-    for group in _groups(dg, model, keep_name):
-        root = group[0].dep.target.module
-        if dg._module2name.get(root) != root_name:
-            continue
-        dead = _dead_root_indices(dg, group, zero)
-        if len(dead) == len(group[0].idxs):
-            dead = dead[1:]
-        if dead:
-            dg.get_pruning_group(root, group[0].dep.handler, dead).prune()
-        return len(dead)
-    return 0
+    group = next((g for g in _groups(dg, _kept_outputs(model, keep_name)) if _root_name(dg, g) == root_name), None)
+    return 0 if group is None else _prune_dead(dg, group, zero)
 
 
-def _groups(dg: tp.DependencyGraph, model: nn.Module, keep_name: str | None):
-    ignored = [model.get_submodule(keep_name)] if keep_name else []
+def _prune_dead(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torch.Tensor]) -> int:
+    """Prune the group's provably dead channels; how many went."""
+    dead = _dead_root_indices(dg, group, zero)
+    if len(dead) == len(group[0].idxs):
+        dead = dead[1:]  # a layer needs one channel; the kept one is dead, so outputs stay exact
+    if dead:
+        dg.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
+    return len(dead)
+
+
+def _groups(dg: tp.DependencyGraph, ignored: list[nn.Module]):
     return dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear))
+
+
+def _kept_outputs(model: nn.Module, keep_name: str | None) -> list[nn.Module]:
+    return [model.get_submodule(keep_name)] if keep_name else []
+
+
+def _root_name(dg: tp.DependencyGraph, group) -> str:
+    root = group[0].dep.target.module
+    return dg._module2name.get(root, type(root).__name__)
 
 
 def _probe_inputs(example_input: torch.Tensor) -> torch.Tensor:
