@@ -118,20 +118,24 @@ def export_tflite(model: nn.Module, check_inputs: torch.Tensor, path: Path, *, a
             hint="check that litert-torch supports every op in the model",
         )
 
-    interpreter = load_tflite_interpreter(path)
-    input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
-
-    def run_tflite() -> np.ndarray:
-        outputs = []
-        for sample in check_inputs.detach().cpu().numpy():
-            interpreter.set_tensor(input_index, sample[np.newaxis])
-            interpreter.invoke()
-            outputs.append(interpreter.get_tensor(output_index).copy())
-        return np.concatenate(outputs)
-
-    actual = run_quietly("running the TFLite model", path, run_tflite, hint="re-run the export")
+    inputs = check_inputs.detach().cpu().numpy()
+    actual = run_quietly("running the TFLite model", path, lambda: run_tflite(path, inputs), hint="re-run the export")
     return check_outputs(expected, actual, atol, path, runtime="TFLite")
+
+
+def run_tflite(path: Path, inputs: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+    """Outputs of a batch-1 .tflite file with float32 input and output, one sample at a time."""
+    interpreter = load_tflite_interpreter(path, num_threads=num_threads)
+    (given,), (taken,) = interpreter.get_input_details(), interpreter.get_output_details()
+    if given["dtype"] != np.float32 or taken["dtype"] != np.float32:
+        raise ExportError(f"{path} takes {np.dtype(given['dtype']).name} and returns {np.dtype(taken['dtype']).name}, "
+                          "not float32")
+    outputs = []
+    for sample in np.ascontiguousarray(inputs, dtype=np.float32):
+        interpreter.set_tensor(given["index"], sample[np.newaxis])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(taken["index"]).copy())
+    return np.concatenate(outputs)
 
 
 def tflite_input_shape(path: Path) -> list[int]:

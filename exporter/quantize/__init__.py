@@ -26,11 +26,11 @@ from torch import nn
 from agent.portfolio import Variant, file_entry
 from exporter.data import Dataset
 from exporter.errors import ExportError
-from exporter.export import eval_mode, export_tflite, tflite_input_shape
+from exporter.export import eval_mode, export_tflite, run_tflite, tflite_input_shape
 from exporter.quantize.common import CALIBRATION_COUNT, CALIBRATION_SEED, QuantizationUnsupported, calibration_batch
 from exporter.quantize.onnx_int8 import OnnxInt8Settings, onnx_input_shape, quantize_onnx, run, session
 from exporter.quantize.tflite_int8 import SETTINGS as TFLITE_SETTINGS
-from exporter.quantize.tflite_int8 import quantize_tflite, run_tflite
+from exporter.quantize.tflite_int8 import quantize_tflite
 
 __all__ = ["CALIBRATION_COUNT", "CALIBRATION_SEED", "CHECK_COUNT", "OnnxInt8Settings", "QuantizationUnsupported",
            "Quantized", "TRANSFORM", "add_int8_tflite", "quantize_variant", "twin_id"]

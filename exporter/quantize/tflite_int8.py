@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.errors import ExportError
-from exporter.export import load_tflite_interpreter, run_quietly
+from exporter.export import load_tflite_interpreter, run_quietly, run_tflite
 from exporter.quantize.common import QuantizationUnsupported, failing_op, one_line
 
 FALLBACK_DIFF_FLOOR = 1e-5  # see onnx_int8.FALLBACK_DIFF_FLOOR
@@ -78,21 +78,6 @@ def quantize_tflite(float_path: Path, out_path: Path, calibration: np.ndarray, c
         Path(temp_name).unlink(missing_ok=True)
         raise
     return max(diff, FALLBACK_DIFF_FLOOR)
-
-
-def run_tflite(path: Path, inputs: np.ndarray, num_threads: int | None = None) -> np.ndarray:
-    """Outputs of a batch-1 .tflite file with float32 input and output, one sample at a time."""
-    interpreter = load_tflite_interpreter(path, num_threads=num_threads)
-    (given,), (taken,) = interpreter.get_input_details(), interpreter.get_output_details()
-    if given["dtype"] != np.float32 or taken["dtype"] != np.float32:
-        raise ExportError(f"{path} takes {np.dtype(given['dtype']).name} and returns {np.dtype(taken['dtype']).name}, "
-                          "not float32")
-    outputs = []
-    for sample in np.ascontiguousarray(inputs, dtype=np.float32):
-        interpreter.set_tensor(given["index"], sample[np.newaxis])
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(taken["index"]).copy())
-    return np.concatenate(outputs)
 
 
 def tflite_ops(path: Path) -> set[str]:
