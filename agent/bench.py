@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.backends import Session
+from agent.backends.providers import short_name
 from agent.stats import LatencySummary, percentile
 
 if TYPE_CHECKING:
@@ -50,29 +51,40 @@ def bench_variants(runtime: Runtime, variant_ids: list[str], sample: list[np.nda
             session.close()
 
 
-def store_path(state_dir: Path, digest: str, backend: str, threads: int | None) -> Path:
-    return state_dir / "bench" / f"{digest[:16]}-{backend}-t{threads or 0}.json"
+def store_path(state_dir: Path, runtime: Runtime) -> Path:
+    """Where the latencies measured with this runtime's setup live: the portfolio, the backend, the
+    providers serving its variants and the thread count. `edgeshift-agent bench` stores there and the
+    agent looks there, each with the runtime it measures with, so both find the same file."""
+    used = set(runtime.providers.values())
+    providers = "+".join(short_name(p).lower() for p in runtime.backend.providers if p is not None and p in used)
+    key = [runtime.portfolio.digest[:16], runtime.backend.name, *([providers] if providers else []),
+           f"t{runtime.threads or 0}"]
+    return state_dir / "bench" / ("-".join(key) + ".json")
 
 
-def load_bench(path: Path) -> dict[str, LatencySummary] | None:
+def load_bench(path: Path, providers: dict[str, str | None]) -> dict[str, LatencySummary] | None:
+    """The stored latencies of the variants that were measured on the provider serving them now."""
     try:
         data = json.loads(path.read_text())
-        return {vid: LatencySummary(**values) for vid, values in data["variants"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+        measured_on = data.get("providers", {})
+        return {vid: LatencySummary(**values) for vid, values in data["variants"].items()
+                if vid in providers and measured_on.get(vid) == providers[vid]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # absent or unreadable: measure again
 
 
-def save_bench(path: Path, results: dict[str, LatencySummary], backend: str, threads: int | None) -> None:
+def save_bench(path: Path, results: dict[str, LatencySummary], runtime: Runtime) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"measured": time.time(), "backend": backend, "threads": threads,
+    payload = {"measured": time.time(), "backend": runtime.backend.name, "threads": runtime.threads,
+               "providers": {vid: runtime.providers.get(vid) for vid in results},
                "variants": {vid: s.to_dict() for vid, s in results.items()}}
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(payload, indent=2))
     os.replace(partial, path)
 
 
-def latency_table(results: dict[str, LatencySummary]) -> str:
-    lines = [f"{'variant':<28} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'runs':>6}"]
+def latency_table(results: dict[str, LatencySummary], providers: dict[str, str | None]) -> str:
+    lines = [f"{'variant':<28} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'runs':>6}  provider"]
     for vid, s in results.items():
-        lines.append(f"{vid:<28} {s.p50:>8.3f} {s.p95:>8.3f} {s.p99:>8.3f} {s.count:>6}")
+        lines.append(f"{vid:<28} {s.p50:>8.3f} {s.p95:>8.3f} {s.p99:>8.3f} {s.count:>6}  {providers.get(vid) or '-'}")
     return "\n".join(lines)

@@ -10,17 +10,21 @@ from pathlib import Path
 from agent.backends import BackendError, get_backend
 from agent.config import ConfigError, load_config
 from agent.generate import DEFAULT_MAX_NEW_TOKENS, generate
-from agent.portfolio import Portfolio, PortfolioError
-from agent.profiles import ProfileError, load_profile
-from agent.runtime import InferenceError, Runtime, health_check
+from agent.placement import Placement, place_variants
+from agent.platform_support import UnsupportedPlatform, require_supported_platform
+from agent.portfolio import Portfolio, PortfolioError, Variant
+from agent.profiles import DeviceProfile, ProfileError, load_profile, serving_threads
+from agent.runtime import InferenceError, Runtime
 
-_BAD_INPUT = (ConfigError, PortfolioError, ProfileError, BackendError, InferenceError, KeyError, OSError)
+_BAD_INPUT = (ConfigError, PortfolioError, ProfileError, BackendError, InferenceError, KeyError, OSError,
+              UnsupportedPlatform)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
     try:
+        require_supported_platform()
         return args.run(args)
     except _BAD_INPUT as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -43,18 +47,19 @@ def _check(args) -> int:
         from agent.signing import verify_manifest_signature
         verify_manifest_signature(args.dir, args.public_key)
     portfolio = Portfolio.open(args.dir)
-    backend = get_backend(args.backend or load_profile(args.device).backend)
-    samples = portfolio.samples()
-    runtime = Runtime(portfolio, backend, args.threads, preload="lazy")
+    runtime, placement = _placed_runtime(args, load_profile(args.device), portfolio, portfolio.manifest.variants)
     print(f"{portfolio.manifest.name}: manifest, checksums and paths verified"
-          f"{', signature verified' if args.public_key else ''}; health checks on {backend.name}:")
-    failed = 0
+          f"{', signature verified' if args.public_key else ''}; health checks on {runtime.backend.name}:")
     for variant in portfolio.manifest.variants:
-        problem = health_check(runtime, variant, samples.inputs, samples.expected[variant.id])
-        failed += problem is not None
-        print(f"  {variant.id:<28} {'FAILED: ' + problem if problem else 'ok'}")
-    if failed:
-        print(f"edgeshift-agent: {failed} variant(s) failed their health check and would not serve", file=sys.stderr)
+        for rejection in placement.fallbacks():
+            if rejection.variant == variant.id:
+                print(f"  {variant.id:<28} not on {rejection.provider}: {rejection.problem}")
+        problem, provider = placement.unhealthy.get(variant.id), placement.providers.get(variant.id)
+        verdict = f"FAILED: {problem}" if problem else f"ok on {provider}" if provider else "ok"
+        print(f"  {variant.id:<28} {verdict}")
+    if placement.unhealthy:
+        print(f"edgeshift-agent: {len(placement.unhealthy)} variant(s) failed their health check and would not serve",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -64,19 +69,38 @@ def _bench(args) -> int:
 
     portfolio = Portfolio.open(args.dir)
     profile = load_profile(args.device)
-    backend = get_backend(args.backend or profile.backend)
-    threads = args.threads or profile.threads
-    runtime = Runtime(portfolio, backend, threads, preload="lazy")
+    runtime, placement = _placed_runtime(args, profile, portfolio, portfolio.manifest.variants, args.state_dir)
+    for vid, problem in placement.unhealthy.items():
+        print(f"edgeshift-agent: {vid} fails its health check and is not measured: {problem}", file=sys.stderr)
+    if not placement.providers:
+        raise PortfolioError(f"{portfolio.root}: no variant passed its health check")
     sample = [x[:args.batch] for x in portfolio.samples().inputs]
-    results = bench_variants(runtime, [v.id for v in portfolio.manifest.variants], sample, runs=args.runs)
-    print(f"{portfolio.manifest.name} on {backend.name}, {threads} threads, batch {args.batch}, {args.runs} runs each "
-          f"(interleaved)")
-    print(latency_table(results))
-    if args.state_dir:
-        path = store_path(args.state_dir, portfolio.digest, backend.name, threads)
-        save_bench(path, results, backend.name, threads)
-        print(f"stored in {path}: the agent's policy uses these numbers")
+    results = bench_variants(runtime, list(placement.providers), sample, runs=args.runs)
+    asked = args.threads or profile.threads
+    capped = f" (of {asked} asked: the CPUs this process may use)" if runtime.threads < asked else ""
+    print(f"{portfolio.manifest.name} on {runtime.backend.name}, {runtime.threads} threads{capped}, "
+          f"batch {args.batch}, {args.runs} runs each (interleaved)")
+    print(latency_table(results, runtime.providers))
+    if args.state_dir and args.batch != 1:
+        print("edgeshift-agent: not stored: the agent compares its variants at batch 1", file=sys.stderr)
+    elif args.state_dir:
+        path = store_path(args.state_dir, runtime)
+        save_bench(path, results, runtime)
+        print(f"stored in {path}: an agent serving this portfolio with {runtime.backend.name} on these providers "
+              f"and {runtime.threads} threads takes these numbers at start instead of measuring")
     return 0
+
+
+def _placed_runtime(args, profile: DeviceProfile, portfolio: Portfolio, variants: list[Variant],
+                    state_dir: Path | None = None) -> tuple[Runtime, Placement]:
+    """The runtime `edgeshift-agent run` would serve with here: the same backend, providers and (capped)
+    threads, each variant on the first provider that passes its health check."""
+    backend = get_backend(args.backend or profile.backend)
+    backend.use_providers(args.providers or profile.providers, state_dir)
+    runtime = Runtime(portfolio, backend, serving_threads(args.threads, profile), preload="lazy")
+    placement = place_variants(runtime, variants, portfolio.samples())
+    runtime.providers = placement.providers
+    return runtime, placement
 
 
 def _generate(args) -> int:
@@ -91,12 +115,9 @@ def _generate(args) -> int:
     variant = portfolio.manifest.variant(args.variant or portfolio.manifest.default_variant)
     codec = optional_codec(portfolio.tokenizer_path)
     ids = prompt_ids(args.prompt if args.ids is None else args.ids, portfolio.tokenizer_path, codec)
-    runtime = Runtime(portfolio, get_backend(args.backend or load_profile(args.device).backend), args.threads,
-                      preload="lazy")
-    samples = portfolio.samples()
-    problem = health_check(runtime, variant, samples.inputs, samples.expected[variant.id])
-    if problem:
-        raise PortfolioError(f"variant '{variant.id}' failed its health check: {problem}")
+    runtime, placement = _placed_runtime(args, load_profile(args.device), portfolio, [variant])
+    if variant.id in placement.unhealthy:
+        raise PortfolioError(f"variant '{variant.id}' failed its health check: {placement.unhealthy[variant.id]}")
     runtime.start(variant.id)
     try:
         result = generate(runtime, ids, args.max_tokens, language_model.eos_token_id, language_model.context_length)
@@ -106,6 +127,10 @@ def _generate(args) -> int:
     print(f"{result.variant}: {len(result.new_ids)} tokens in {result.seconds:.2f} s "
           f"({result.tokens_per_s:.1f} tokens/s), stopped at {result.stop_reason}", file=sys.stderr)
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _token_ids(text: str) -> list[int]:
@@ -137,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="x86", help="device profile name or file (default x86)")
         p.add_argument("--backend", help="onnxruntime or tflite (default: the profile's)")
         p.add_argument("--threads", type=int, help="inference threads (default: the profile's)")
+        p.add_argument("--providers", type=_names, help="onnxruntime execution providers, best first, comma-separated "
+                                                       "(default: the profile's)")
 
     check = commands.add_parser("check", help="verify a portfolio and health-check every variant here")
     device_options(check)

@@ -54,6 +54,7 @@ class AgentConfig:
     portfolio: Path
     state_dir: Path
     backend: str | None = None            # default: the device profile's
+    providers: list[str] | None = None    # onnxruntime execution providers, best first; default: the profile's
     threads: int | None = None            # default: the device profile's
     preload: str = "all"                  # all | neighbours | lazy
     public_key: Path | None = None        # ed25519 public key (PEM): manifests must be signed with its private key
@@ -137,5 +138,8 @@ def _convert(value: Any, annotation: str, where: str) -> Any:
         return value
     if kind == "str" and isinstance(value, str):
         return value
-    expected = {"float": "a number", "int": "an integer", "str": "a string"}.get(kind, kind)
+    if kind == "list[str]" and isinstance(value, list) and all(isinstance(item, str) and item for item in value):
+        return list(value)
+    expected = {"float": "a number", "int": "an integer", "str": "a string",
+                "list[str]": "a list of names"}.get(kind, kind)
     raise ConfigError(f"{where} must be {expected}{' (or absent)' if optional else ''}, got {value!r}")

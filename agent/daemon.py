@@ -33,7 +33,8 @@ def build_agent(config: AgentConfig, portfolio_dir: Path | None = None) -> Agent
                               memory_budget_mb=p.memory_budget_mb or profile.memory_budget_mb,
                               cooldown_s=p.cooldown_s, headroom=p.headroom, pin=p.pin)
     return Agent(portfolio, profile, settings, backend=config.backend, threads=config.threads,
-                 preload=config.preload, state_dir=config.state_dir, max_batch=config.max_batch)
+                 preload=config.preload, state_dir=config.state_dir, max_batch=config.max_batch,
+                 providers=config.providers)
 
 
 class Daemon:

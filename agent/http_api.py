@@ -154,7 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
                           "shape": s.shape}
         return {"name": agent.name, "versions": status["variants"], "platform": agent.backend.name,
                 "inputs": [spec(s) for s in agent.manifest.inputs], "outputs": [spec(s) for s in agent.manifest.outputs],
-                "parameters": {"active": status["active"], "reason": status["reason"], "task": agent.manifest.task}}
+                "parameters": {"active": status["active"], "reason": status["reason"], "task": agent.manifest.task,
+                               "providers": status["providers"]}}
 
     # ------------------------------------------------------------------ plumbing
 

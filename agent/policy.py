@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from agent.backends.providers import short_name
 from agent.stats import LatencySummary
 
 # Thermal states (agent.monitor.thermal_state) and how much they tighten the SLO.
@@ -35,6 +36,12 @@ class Candidate:
     bench_p95_ms: float | None      # measured on this device at rest
     memory_mb: float                # estimated resident size
     bench_p50_ms: float | None = None  # the cost to compare: medians shrug off the noise tails carry
+    provider: str | None = None     # the execution provider it runs on: its cost holds there only
+
+    @property
+    def named(self) -> str:
+        """The variant as reasons name its cost: "dense on CUDA"."""
+        return f"{self.id} on {short_name(self.provider)}" if self.provider else self.id
 
     @property
     def cost_ms(self) -> float | None:
@@ -110,7 +117,8 @@ class Policy:
                                                         f"({smallest.memory_mb:.0f} MB)")
         if obs.thermal == "critical":
             fastest = self._cheapest(fitting_memory)
-            return self._to(obs, fastest.id, "thermal", f"critical temperature{_temp(obs)}: fastest variant {fastest.id}")
+            return self._to(obs, fastest.id, "thermal",
+                            f"critical temperature{_temp(obs)}: fastest variant {fastest.named}")
 
         slo = s.latency_slo_ms * _SLO_FACTOR.get(obs.thermal, 1.0)
         slo_text = f"SLO {slo:.1f} ms" + (f" ({obs.thermal}{_temp(obs)})" if slo < s.latency_slo_ms else "")
@@ -136,13 +144,13 @@ class Policy:
                 else:
                     measured = f"expected p95 {expected[active.id]:.1f} ms > {slo_text}"
                 fits = "" if expected.get(down.id, float("inf")) <= slo else ", the cheapest; nothing fits"
-                return self._to(obs, down.id, "step-down", f"{measured}: {down.id} expected at "
+                return self._to(obs, down.id, "step-down", f"{measured}: {down.named} expected at "
                                                            f"{expected.get(down.id, float('nan')):.1f} ms{fits}")
         if target.quality > active.quality and target.id in expected:
             waited = obs.now - self._last_switch
             room = busy.get(target.id) is None or busy[target.id] <= s.headroom * s.max_busy
             if waited >= s.cooldown_s and expected[target.id] <= s.headroom * slo and room:
-                return self._to(obs, target.id, "step-up", f"headroom: {target.id} expected at "
+                return self._to(obs, target.id, "step-up", f"headroom: {target.named} expected at "
                                                            f"{expected[target.id]:.1f} ms <= {s.headroom:.0%} of {slo_text}")
         live = f"p95 {obs.live.p95:.1f} ms" if obs.live.p95 is not None else "no traffic"
         if pressed:

@@ -1,7 +1,8 @@
 """Device profiles: one TOML per board (devices/*.toml), typed and strictly validated.
 
-A profile says which backend and how many threads to use, where the board's sensors live in
-sysfs, at which temperatures it throttles, and the default memory budget and latency SLO.
+A profile says which backend, execution providers and how many threads to use, where the
+board's sensors live in sysfs, at which temperatures it throttles, and the default memory budget
+and latency SLO.
 Unknown keys and wrong types are errors that name the file and the key, e.g.
 "devices/x.toml: thermal.warm_c must be a number, got 'hot'".
 """
@@ -21,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 BACKENDS = ("onnxruntime", "tflite")
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 ENV_DEVICES = "EDGESHIFT_DEVICES"
 REPO_DEVICES = Path(__file__).resolve().parents[1] / "devices"
 SYSTEM_DEVICES = (Path("/etc/edgeshift/devices"), Path("/usr/share/edgeshift/devices"))
@@ -53,6 +55,8 @@ class DeviceProfile:
     gpu_load_paths: list[str] = field(default_factory=list)  # Jetson, per-mille
     power_rail_globs: list[str] = field(default_factory=list)  # INA3221 device folders
     vcgencmd: bool = False  # `vcgencmd get_throttled` as a fallback on this board
+    # onnxruntime execution providers to serve with, best first, where installed; the CPU is always last
+    providers: list[str] = field(default_factory=lambda: list(DEFAULT_PROVIDERS))
     path: Path | None = None  # the file it was loaded from
 
 
@@ -104,7 +108,7 @@ def _load_file(path: Path) -> DeviceProfile:
     return _parse(data, path)
 
 
-_TOP_KEYS = {"description", "backend", "threads", "memory_budget_mb", "latency_slo_ms",
+_TOP_KEYS = {"description", "backend", "providers", "threads", "memory_budget_mb", "latency_slo_ms",
              "thermal", "sensors"}
 _THERMAL_KEYS = {"warm_c", "throttle_c", "critical_c"}
 _SENSOR_LISTS = ("thermal_zones", "throttled_paths", "gpu_load_paths", "power_rail_globs")
@@ -147,6 +151,10 @@ def _parse(data: dict[str, Any], path: Path) -> DeviceProfile:
     if backend not in BACKENDS:
         raise fail(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
+    providers = data.get("providers", list(DEFAULT_PROVIDERS))
+    if not isinstance(providers, list) or not all(isinstance(p, str) and p for p in providers):
+        raise fail(f"providers must be a list of onnxruntime provider names, got {providers!r}")
+
     threads = required(data, "threads", "")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise fail(f"threads must be an integer >= 1, got {threads!r}")
@@ -185,6 +193,21 @@ def _parse(data: dict[str, Any], path: Path) -> DeviceProfile:
         memory_budget_mb=number(required(data, "memory_budget_mb", ""), "memory_budget_mb", True),
         latency_slo_ms=number(required(data, "latency_slo_ms", ""), "latency_slo_ms", True),
         vcgencmd=vcgencmd,
+        providers=providers,
         path=path,
         **lists,
     )
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def serving_threads(requested: int | None, profile: DeviceProfile) -> int:
+    """Inference threads: the requested count, else the profile's, at most the CPUs this process may use
+    (a board's power mode can take cores offline). The agent serves, and `edgeshift-agent bench` measures,
+    with this count, so stored benchmarks are found again."""
+    return min(requested or profile.threads, usable_cpus())

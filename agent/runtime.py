@@ -89,10 +89,11 @@ class HeldVariant:
 
 
 class Runtime:
-    """Serve a portfolio's healthy variants through one backend."""
+    """Serve a portfolio's healthy variants through one backend, each on its provider (agent.placement)."""
 
     def __init__(self, portfolio: Portfolio, backend: Backend, threads: int | None = None, preload: str = "all",
-                 max_batch: int = 64, variants: list[str] | None = None):
+                 max_batch: int = 64, variants: list[str] | None = None,
+                 providers: dict[str, str | None] | None = None):
         if preload not in PRELOAD_MODES:
             raise ValueError(f"preload must be one of {', '.join(PRELOAD_MODES)}, got {preload!r}")
         self.portfolio = portfolio
@@ -102,6 +103,7 @@ class Runtime:
         self.preload = preload
         self.max_batch = max_batch
         self.variant_ids = variants if variants is not None else [v.id for v in self.manifest.variants]
+        self.providers = dict(providers or {})  # variant -> provider; absent: the backend's first
         self.windows = {vid: LatencyWindow() for vid in self.variant_ids}
         self._resident: dict[str, _Resident] = {}
         self._active: _Resident | None = None
@@ -111,14 +113,16 @@ class Runtime:
 
     # ----------------------------------------------------------------- loading
 
-    def open_session(self, variant_id: str) -> Session:
+    def open_session(self, variant_id: str, provider: str | None = None) -> Session:
+        """A new session of the variant, on `provider`, else on the one placed for it."""
         variant = self.manifest.variant(variant_id)
         fmt = self.backend.file_format
         if fmt not in variant.files:
             raise BackendError(f"variant {variant_id} has no {fmt} file for the {self.backend.name} backend")
         return self.backend.open(self.portfolio.file_path(variant_id, fmt), variant_id, threads=self.threads,
                                  manifest_layout=self.manifest.inputs[0].layout,
-                                 file_input_shape=variant.files[fmt].input_shape)
+                                 file_input_shape=variant.files[fmt].input_shape,
+                                 provider=provider or self.providers.get(variant_id))
 
     def start(self, variant_id: str) -> None:
         """Load the first active variant (and, per preload, the others)."""
@@ -265,17 +269,23 @@ def _check_token_ids(ids: np.ndarray, name: str, vocab: int | None, context_leng
 
 def health_check(runtime: Runtime, variant: Variant, sample_inputs: list[np.ndarray], expected: np.ndarray) -> str | None:
     """Why a variant must not serve (its outputs differ from the exporter's), or None if it is healthy."""
-    fmt = runtime.backend.file_format
     try:
         session = runtime.open_session(variant.id)
     except (BackendError, KeyError, OSError) as error:
         return f"cannot load: {error}"
     try:
+        return session_problem(session, variant, runtime.backend.file_format, sample_inputs, expected)
+    finally:
+        session.close()
+
+
+def session_problem(session: Session, variant: Variant, fmt: str, sample_inputs: list[np.ndarray],
+                    expected: np.ndarray) -> str | None:
+    """Why this session of a variant must not serve, from its answer to the health-check samples."""
+    try:
         got = session.run(sample_inputs)[0]
     except Exception as error:  # a runtime that crashes on the sample is broken, whatever the reason
         return f"fails on the health-check samples: {type(error).__name__}: {error}"
-    finally:
-        session.close()
     if got.shape != expected.shape:
         return f"output shape {list(got.shape)} differs from the expected {list(expected.shape)}"
     tolerance = max(1e-3 * max(1.0, float(np.abs(expected).max())), 10 * variant.files[fmt].max_abs_diff)

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends import BackendError, get_backend
+from agent.backends import Backend, BackendError, get_backend
 from agent.bench import bench_variants, load_bench, save_bench, store_path
 from agent.generate import DEFAULT_MAX_NEW_TOKENS, Generation, generate
 from agent.monitor import ResourceMonitor, Snapshot, thermal_state
 from agent.policy import Candidate, Decision, Observation, Policy, PolicySettings
+from agent.placement import place_variants
 from agent.portfolio import Portfolio, PortfolioError
-from agent.profiles import DeviceProfile
-from agent.runtime import InferenceError, InferResult, Runtime, health_check, memory_estimate_mb
+from agent.profiles import DeviceProfile, serving_threads
+from agent.runtime import InferenceError, InferResult, Runtime, memory_estimate_mb
 from agent.stats import LatencySummary
 from agent.tokenizer import TextCodec, optional_codec, prompt_ids
 
@@ -58,15 +59,16 @@ class Agent:
     """
 
     def __init__(self, portfolio: Portfolio, profile: DeviceProfile, policy: PolicySettings, *,
-                 backend: str | None = None, threads: int | None = None, preload: str = "all",
+                 backend: str | Backend | None = None, threads: int | None = None, preload: str = "all",
                  state_dir: Path | None = None, monitor: ResourceMonitor | None = None, max_batch: int = 64,
-                 bench_runs: int = 30):
+                 bench_runs: int = 30, providers: list[str] | None = None):
         self.portfolio = portfolio
         self.manifest = portfolio.manifest
         self.name = self.manifest.name
         self.profile = profile
-        self.backend = get_backend(backend or profile.backend)
-        self.threads = min(threads or profile.threads, _usable_cpus())  # power modes can take cores offline
+        self.backend = backend if isinstance(backend, Backend) else get_backend(backend or profile.backend)
+        self.backend.use_providers(providers or profile.providers, state_dir)
+        self.threads = serving_threads(threads, profile)
         self.preload = preload
         self.state_dir = state_dir
         self.monitor = monitor or ResourceMonitor(profile)
@@ -94,7 +96,9 @@ class Agent:
         with self._steering:
             self._adopt(self._prepare(self.portfolio))
         self.ready = True
-        self._emit(Event("start", f"serving {self.active} with {self.backend.name} ({self.threads} threads)",
+        provider = self.runtime.providers.get(self.active)
+        on = f" on {provider}" if provider else ""
+        self._emit(Event("start", f"serving {self.active} with {self.backend.name}{on} ({self.threads} threads)",
                          {"active": self.active, "variants": self.runtime.variant_ids, "unhealthy": self.unhealthy}))
 
     def replace_portfolio(self, portfolio: Portfolio, reason: str) -> None:
@@ -112,22 +116,25 @@ class Agent:
         samples = portfolio.samples()
         codec = optional_codec(portfolio.tokenizer_path)  # a broken tokenizer.json refuses the portfolio here
         probe = Runtime(portfolio, self.backend, self.threads, preload="lazy", max_batch=self.max_batch)
-        unhealthy = {}
-        for variant in portfolio.manifest.variants:
-            problem = health_check(probe, variant, samples.inputs, samples.expected[variant.id])
-            if problem:
-                unhealthy[variant.id] = problem
-                self._emit(Event("health", f"{variant.id} will not serve: {problem}", {"variant": variant.id}))
-        healthy = [v.id for v in portfolio.manifest.variants if v.id not in unhealthy]
+        placement = place_variants(probe, portfolio.manifest.variants, samples)
+        for rejection in placement.fallbacks():
+            self._emit(Event("provider", f"{rejection.variant} does not run on {rejection.provider} "
+                                         f"({rejection.problem}): on to {rejection.next_provider}",
+                             {"variant": rejection.variant, "provider": rejection.provider,
+                              "next_provider": rejection.next_provider}))
+        unhealthy = placement.unhealthy
+        for vid, problem in unhealthy.items():
+            self._emit(Event("health", f"{vid} will not serve: {problem}", {"variant": vid}))
+        healthy = list(placement.providers)  # in the manifest's order
         if not healthy:
             raise PortfolioError(f"{portfolio.root}: no variant passed its health check "
                                  f"({'; '.join(f'{k}: {v}' for k, v in unhealthy.items())})")
 
         canary = [x[:1] for x in samples.inputs]
-        bench = self._measure(portfolio, healthy, canary)
+        bench = self._measure(portfolio, placement.providers, canary)
         candidates = [Candidate(vid, _quality(portfolio.manifest.variant(vid).metrics), bench[vid].p95,
                                 memory_estimate_mb(portfolio.manifest.variant(vid), self.backend.file_format),
-                                bench_p50_ms=bench[vid].p50)
+                                bench_p50_ms=bench[vid].p50, provider=placement.providers[vid])
                       for vid in healthy]
         settings = self.policy.settings if self.policy is not None else self.policy_settings
         if settings.pin is not None and settings.pin not in healthy:
@@ -136,7 +143,8 @@ class Agent:
             settings = replace(settings, pin=None)
         policy = Policy(candidates, settings)
         order = [c.id for c in policy.candidates]  # most accurate first: neighbours are quality neighbours
-        runtime = Runtime(portfolio, self.backend, self.threads, self.preload, self.max_batch, order)
+        runtime = Runtime(portfolio, self.backend, self.threads, self.preload, self.max_batch, order,
+                          providers=placement.providers)
         runtime.start(self._initial_variant(portfolio, policy, order))
         runtime.infer(canary)  # warm the first request's path
         return _Serving(portfolio, runtime, policy, bench, unhealthy, canary, codec)
@@ -148,16 +156,20 @@ class Agent:
         self.runtime = serving.runtime  # the one reference requests read: the swap
         self._save_state()
 
-    def _measure(self, portfolio: Portfolio, variant_ids: list[str], sample: list[np.ndarray]
+    def _measure(self, portfolio: Portfolio, providers: dict[str, str | None], sample: list[np.ndarray]
                  ) -> dict[str, LatencySummary]:
-        path = store_path(self.state_dir, portfolio.digest, self.backend.name, self.threads) if self.state_dir else None
-        stored = load_bench(path) if path else None
+        """Each placed variant's latency on its provider: as `edgeshift-agent bench` stored it for this
+        setup, else measured now (and stored)."""
+        variant_ids = list(providers)
+        probe = Runtime(portfolio, self.backend, self.threads, preload="lazy", providers=providers)
+        path = store_path(self.state_dir, probe) if self.state_dir else None
+        stored = load_bench(path, providers) if path else None
         if stored and all(vid in stored for vid in variant_ids):
+            log.info("latencies from %s", path)
             return {vid: stored[vid] for vid in variant_ids}
-        probe = Runtime(portfolio, self.backend, self.threads, preload="lazy")
         results = bench_variants(probe, variant_ids, sample, runs=self.bench_runs)
         if path:
-            save_bench(path, results, self.backend.name, self.threads)
+            save_bench(path, results, probe)
         return results
 
     def _initial_variant(self, portfolio: Portfolio, policy: Policy, order: list[str]) -> str:
@@ -262,7 +274,7 @@ class Agent:
         decision = self.last_decision
         return {"name": self.name, "ready": self.ready, "active": self.active if self.runtime else None,
                 "reason": decision.reason if decision else None, "backend": self.backend.name,
-                "threads": self.threads, "preload": self.preload, "resident": self.runtime.resident() if self.runtime else [],
+                "providers": dict(self.runtime.providers) if self.runtime else {}, "threads": self.threads, "preload": self.preload, "resident": self.runtime.resident() if self.runtime else [],
                 "variants": [c.id for c in self.policy.candidates] if self.policy else [],
                 "unhealthy": self.unhealthy, "pin": self.policy.settings.pin if self.policy else None}
 
@@ -306,13 +318,6 @@ class Agent:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps({"portfolio": self.portfolio.digest, "active": self.active}))
         os.replace(partial, path)
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _quality(metrics: dict) -> float:

@@ -73,6 +73,11 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:
         "mobilevit": (seeded(lambda: t.MobileViTForImageClassification(t.MobileViTConfig(  # convs around attention
             image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160],
             num_labels=10))), 100),
+        # Weight-standardized convs and GroupNorm subclasses with their own forward: weights that prove
+        # nothing about what the layer computes, so nothing may go.
+        "bit": (seeded(lambda: t.BitForImageClassification(t.BitConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_groups=4,
+            layer_type="bottleneck", num_labels=10))), 0),
         # LayerNorm over channels reads every channel: removing one changes the mean, so nothing may go.
         "convnext": (seeded(lambda: t.ConvNextForImageClassification(t.ConvNextConfig(
             hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10))), 0),

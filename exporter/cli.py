@@ -32,8 +32,9 @@ def _train(args) -> int:
 
     if args.out.exists() and not args.force:
         raise ExportError(f"{args.out} exists; pass --force to overwrite it")
-    data = load_dataset(args.data, seed=args.seed)
-    config = _train_config(args)
+    config = _train_config(args)  # an unusable --device fails before the data loads
+    _log(args)(f"device: {_device_line(config)}")
+    data = load_dataset(args.data, seed=args.seed, input_size=args.input_size)
     model = seeded(args.seed, lambda: build_model(args.model, data.num_classes, args.width, data.input_shape[0]))
     result = train(model, data, config, rewind_iteration=args.rewind_iteration, progress=not args.quiet)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -49,13 +50,19 @@ def _train(args) -> int:
 def _portfolio(args) -> int:
     if args.method == ["mosaic"]:
         return _mosaic_portfolio(args)
+    from exporter.distributed import is_writer, start_from_environment
     from exporter.dnnshifter.imp import ImpConfig
     from exporter.pipeline import PortfolioSpec, build_portfolio
+
+    start_from_environment()  # under torchrun: every rank trains, rank 0 writes and speaks
+    if not is_writer():
+        args.quiet = True
     from exporter.reconvene.method import DEFAULT_DENSITIES
     from exporter.reconvene.reconvene import ReconveneConfig
 
     spec = PortfolioSpec(
-        out=args.out, model=args.model, width=args.width, data=args.data, methods=tuple(args.method),
+        out=args.out, model=args.model, width=args.width, data=args.data, input_size=args.input_size,
+        methods=tuple(args.method),
         checkpoint=args.checkpoint, train=_train_config(args),
         imp=ImpConfig(levels=args.imp_levels, fraction=args.prune_fraction, rewind_iteration=args.rewind_iteration,
                       include_classifier=args.prune_classifier, level_epochs=args.level_epochs),
@@ -66,13 +73,17 @@ def _portfolio(args) -> int:
         pai_unstructured=args.pai_unstructured, quantize=args.quantize, keep_dominated=args.keep_dominated,
         tflite=not args.no_tflite, name=args.name, force=args.force, progress=not args.quiet,
     )
-    manifest = build_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+    _log(args)(f"device: {_device_line(spec.train)}")
+    manifest = build_portfolio(spec, log=_log(args))
+    if manifest is None:
+        return 0  # a rank that helped train; rank 0 wrote the portfolio
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     print(f"report: {args.out / 'report.md'}")
     return 0
 
 
 def _mosaic_portfolio(args) -> int:
+    from exporter.device import describe_device, resolve_device
     from exporter.mosaic.pipeline import MosaicSpec, build_mosaic_portfolio
     from exporter.mosaic.unstructured import UnstructuredConfig
     from exporter.models import DEFAULT_MODEL
@@ -83,25 +94,30 @@ def _mosaic_portfolio(args) -> int:
     if args.model == DEFAULT_MODEL:
         raise ExportError("--method mosaic needs --model: a local Hugging Face checkpoint directory or a .gguf file")
     sparsities = tuple(args.sparsities or (0.5,))
+    device = resolve_device(args.device)
+    _log(args)(f"device: {describe_device(device)}")
     spec = MosaicSpec(
         out=args.out, model=Path(args.model), calib=args.calib, eval=args.eval, sparsities=sparsities,
         composite_ratio=args.composite_ratio, baselines=args.baselines,
         unstructured=UnstructuredConfig(sparsity=sparsities[0], m=args.outlier_m, lam=args.lam, pruner=args.pruner),
         context=args.context, calib_windows=args.calib_windows, eval_windows=args.eval_windows, seed=args.seed,
-        checkpoints=args.checkpoints, name=args.name, force=args.force)
-    manifest = build_mosaic_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+        checkpoints=args.checkpoints, name=args.name, force=args.force, device=str(device))
+    manifest = build_mosaic_portfolio(spec, log=_log(args))
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     print(f"report: {args.out / 'report.md'}")
     return 0
 
 
 def _structure(args) -> int:
+    from exporter.device import describe_device, resolve_device
     from exporter.dnnshifter.own_model import StructureSpec, build_structured_portfolio
 
+    device = resolve_device(args.device)  # an unusable --device fails before anything is read
     spec = StructureSpec(out=args.out, model=args.model, checkpoint=args.checkpoint, input_shape=args.input_shape,
                          num_classes=args.num_classes, data=args.data, quantize=args.quantize == "int8",
-                         tflite=not args.no_tflite, name=args.name, force=args.force)
-    manifest = build_structured_portfolio(spec, log=(lambda *_: None) if args.quiet else print)
+                         tflite=not args.no_tflite, name=args.name, force=args.force, device=str(device))
+    _log(args)(f"device: {describe_device(device)} (accuracies; the structured step and export run on the CPU)")
+    manifest = build_structured_portfolio(spec, log=_log(args))
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     return 0
 
@@ -139,7 +155,21 @@ def _keygen(args) -> int:
 def _train_config(args):
     from exporter.train import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       device=args.device, amp=args.amp).resolved()
+
+
+def _device_line(config) -> str:
+    from exporter.device import describe_device
+
+    return f"{describe_device(config.device)}, amp {config.amp}"
+
+
+def _log(args):
+    """Where a run's lines go: stdout, flushed line by line; nowhere with --quiet."""
+    from exporter.progress import line, quiet
+
+    return quiet if args.quiet else line
 
 
 def _comma_list(convert, plural: str, example: str, valid, rule: str):
@@ -186,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     from exporter.dnnshifter.imp import ImpConfig
     from exporter.pipeline import DEFAULT_METHODS, QUANTIZE_CHOICES, PortfolioSpec
     from exporter.reconvene.reconvene import ReconveneConfig
-    from exporter.train import TrainConfig
+    from exporter.train import AMP_CHOICES, TrainConfig
 
     parser = argparse.ArgumentParser(prog="edgeshift-export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,14 +226,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="zoo name (resnet20, resnet56, vgg16, mobilenetv2) or package.module:factory")
         p.add_argument("--width", type=float, default=DEFAULT_WIDTH, help="channel width multiplier")
         p.add_argument("--data", default="digits",
-                       help="'digits' (bundled), a CIFAR-10 python directory, or an .npz with x and y")
+                       help="'digits' (bundled), a CIFAR-10 python directory, a directory with one sub-folder of "
+                            "JPEG/PNG images per class (or train/ and val/ holding such sub-folders), or an .npz "
+                            "with x and y")
+        p.add_argument("--input-size", type=int,
+                       help="side in pixels that an image folder's images are resized to (default 32, the zoo "
+                            "models' input)")
         p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
         p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
         p.add_argument("--lr", type=float, default=TrainConfig.lr)
         p.add_argument("--seed", type=int, default=TrainConfig.seed)
+        device_and_precision(p)
         p.add_argument("--rewind-iteration", type=int, default=ImpConfig.rewind_iteration, help="iteration whose weights IMP rewinds to")
         p.add_argument("--force", action="store_true", help="replace an existing output")
         p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+
+    def device_and_precision(p):
+        p.add_argument("--device", default=TrainConfig.device,
+                       help="where to train, score and evaluate: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N "
+                            "or mps; export, the structured step, quantization and timing always run on the CPU")
+        p.add_argument("--amp", choices=AMP_CHOICES, default=TrainConfig.amp,
+                       help="mixed precision of the training forward (bf16, or fp16 with loss scaling); "
+                            "evaluation stays float32")
 
     train = commands.add_parser("train", help="train a dense model and save a checkpoint")
     model_and_data(train)
@@ -264,12 +308,15 @@ def _parser() -> argparse.ArgumentParser:
     structure.add_argument("--input-shape", type=_input_shape, required=True, help="C,H,W, e.g. 3,32,32")
     structure.add_argument("--num-classes", type=int, required=True)
     structure.add_argument("--data", help="labelled data for accuracies and int8 twins: 'digits', a CIFAR-10 "
-                                          "directory or an .npz with x and y (default: none, random check inputs)")
+                                          "directory, an image folder (resized to --input-shape, which must be "
+                                          "square) or an .npz with x and y (default: none, random check inputs)")
     structure.add_argument("--out", type=Path, required=True, help="portfolio directory to write")
     structure.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8", help="int8 twins (needs --data)")
     structure.add_argument("--no-tflite", action="store_true", help="export ONNX only")
     structure.add_argument("--name", help="portfolio name (default: <factory>-structured)")
     structure.add_argument("--force", action="store_true", help="replace an existing output")
+    structure.add_argument("--device", default=TrainConfig.device,
+                           help="where accuracies are evaluated: auto, cpu, cuda, cuda:N or mps")
     structure.add_argument("--quiet", action="store_true")
     structure.set_defaults(run=_structure)
 

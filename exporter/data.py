@@ -1,8 +1,10 @@
-"""Datasets for calibration and fine-tuning: sklearn's digits, a CIFAR-10 python directory, or an .npz file.
+"""Datasets for calibration and fine-tuning: sklearn's digits, a CIFAR-10 python directory, an image folder
+(exporter.imagefolder), or an .npz file.
 
 Every loader returns normalized model inputs plus the preprocessing that produced them, so a device can
 repeat it: model_input = (raw * scale - mean) / std, per channel, where raw is the stored image
-(for digits, the 3x32x32 upsampled image with values 0..16).
+(for digits, the 3x32x32 upsampled image with values 0..16; for an image folder, the RGB image resized to the
+model's input size, values 0..255).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from exporter.errors import ExportError
+from exporter.imagefolder import DEFAULT_INPUT_SIZE, looks_like_image_folder, read_image_folder
 
 ACCEPTED_FORMATS = (
-    "give 'digits', a CIFAR-10 python directory (data_batch_1..5, test_batch), or an .npz file with x and y"
+    "give 'digits', a CIFAR-10 python directory (data_batch_1..5, test_batch), a directory with one sub-folder "
+    "of JPEG/PNG images per class, or an .npz file with x and y"
 )
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{index}" for index in range(1, 6))
 CIFAR_TEST_FILE = "test_batch"
@@ -48,9 +52,24 @@ class Dataset:
         return (channels, height, width)
 
 
-def load_dataset(spec: str = "digits", seed: int = 0, test_fraction: float = 0.25) -> Dataset:
+def load_dataset(
+    spec: str = "digits", seed: int = 0, test_fraction: float = 0.25, input_size: int | None = None
+) -> Dataset:
+    """input_size: the side an image folder's images are resized to (default 32, the zoo's input); the other
+    formats have a size of their own, which input_size, when given, must match."""
     if not 0 < test_fraction < 1:
         raise ExportError(f"test fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    if input_size is not None and input_size < 1:
+        raise ExportError(f"input size must be a positive number of pixels, got {input_size}")
+    dataset = _load(spec, seed, test_fraction, input_size)
+    height, width = dataset.input_shape[1:]
+    if input_size is not None and (height, width) != (input_size, input_size):
+        fits = f"give --input-size {height} or leave it out" if height == width else "leave --input-size out"
+        raise ExportError(f"{spec} holds {height}x{width} images and only an image folder is resized; {fits}")
+    return dataset
+
+
+def _load(spec: str, seed: int, test_fraction: float, input_size: int | None) -> Dataset:
     if spec == "digits":
         return _load_digits(seed, test_fraction)
     path = Path(spec)
@@ -61,7 +80,10 @@ def load_dataset(spec: str = "digits", seed: int = 0, test_fraction: float = 0.2
             path = path / CIFAR_SUBDIRECTORY
         if _looks_like_cifar(path):
             return _load_cifar10(path)
-        raise ExportError(f"directory {path} is not in CIFAR-10 python format; {ACCEPTED_FORMATS}")
+        if looks_like_image_folder(path):
+            return _load_image_folder(path, seed, test_fraction, input_size or DEFAULT_INPUT_SIZE)
+        raise ExportError(f"directory {path} is not in CIFAR-10 python format and has no class sub-folders of "
+                          f"JPEG/PNG images; {ACCEPTED_FORMATS}")
     if path.suffix == ".npz":
         return _load_npz(path, seed, test_fraction)
     raise ExportError(f"dataset file {path} is not an .npz; {ACCEPTED_FORMATS}")
@@ -137,6 +159,19 @@ def _read_cifar_labels(path: Path) -> list[str]:
     return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
 
 
+def _load_image_folder(directory: Path, seed: int, test_fraction: float, size: int) -> Dataset:
+    folder = read_image_folder(directory, size)
+    if folder.test is None:
+        images, targets = folder.train
+        train, test = _split(targets.numpy(), seed, test_fraction, str(directory),
+                             remedy="add images or split them into train/ and val/ folders")
+        train_x, train_y, test_x, test_y = images[train], targets[train], images[test], targets[test]
+    else:
+        (train_x, train_y), (test_x, test_y) = folder.train, folder.test
+    name = directory.resolve().name
+    return _normalized(name, train_x.float(), train_y, test_x.float(), test_y, folder.labels, 1 / 255)
+
+
 def _load_npz(path: Path, seed: int, test_fraction: float) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -207,7 +242,10 @@ def _check_targets(targets: torch.Tensor, labels: list[str], source: Path) -> No
         )
 
 
-def _split(targets: np.ndarray, seed: int, test_fraction: float, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    targets: np.ndarray, seed: int, test_fraction: float, source: str,
+    remedy: str = "add images or give x_test and y_test",
+) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     try:
@@ -216,7 +254,7 @@ def _split(targets: np.ndarray, seed: int, test_fraction: float, source: str) ->
         )
     except ValueError as error:
         raise ExportError(
-            f"cannot split {source} into train and test ({error}); add images or give x_test and y_test"
+            f"cannot split {source} into train and test ({error}); {remedy}"
         ) from error
     return train, test
 

@@ -2,11 +2,10 @@
 
 Training keeps the weights at IMP's rewind iteration, so DNNShifter can rewind to them whatever
 other methods run beside it. With a run directory the trained model is kept and reused by a
-later run with the same settings.
+later run with the same settings, and a killed training resumes after its last finished epoch.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +15,12 @@ import torch
 import torch.nn as nn
 
 from exporter.data import Dataset
+from exporter.device import placed_on, resolve_device
 from exporter.models import load_checkpoint
+from exporter.run_dir import RunDir
 from exporter.train import TrainConfig, evaluate, train
 
-DENSE_FILE = "dense.pt"
+DENSE = "dense"  # its checkpoint in a run directory
 
 
 @dataclass
@@ -32,35 +33,30 @@ class Dense:
 
 
 def dense_parent(build: Callable[[], nn.Module], data: Dataset, config: TrainConfig, rewind_iteration: int,
-                 checkpoint: Path | None = None, run_dir: Path | None = None, fingerprint: dict | None = None,
-                 progress: bool = True) -> Dense:
+                 checkpoint: Path | None = None, run_dir: RunDir | None = None, progress: bool = True) -> Dense:
     model = build()
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)  # raises a clear ExportError if it does not fit
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         rewind = saved.get("rewind") if isinstance(saved, dict) and "model" in saved else None
-        return Dense(model.eval(), evaluate(model, data.test_x, data.test_y), rewind, 0.0, reused=str(checkpoint))
-    wanted = json.loads(json.dumps({**(fingerprint or {}), "train": config.to_dict(), "rewind": rewind_iteration},
-                                   default=str))
-    cached = _cached(run_dir, wanted)
+        with placed_on(model, resolve_device(config.device)):
+            accuracy = evaluate(model, data.test_x, data.test_y)
+        return Dense(model.eval(), accuracy, rewind, 0.0, reused=str(checkpoint))
+    cached = run_dir.load(DENSE) if run_dir is not None else None
     if cached is not None:
         model.load_state_dict(cached["model"])
-        return Dense(model.eval(), cached["accuracy"], cached["rewind"], 0.0, reused=str(run_dir / DENSE_FILE))
+        return Dense(model.eval(), cached["accuracy"], cached["rewind"], 0.0, reused=str(run_dir.path / f"{DENSE}.pt"))
     started = time.perf_counter()
-    result = train(model, data, config, rewind_iteration=rewind_iteration, description="dense", progress=progress)
+    resume = (run_dir, f"{DENSE}-training") if run_dir is not None else None
+    result = train(model, data, config, rewind_iteration=rewind_iteration, description="dense", progress=progress,
+                   resume=resume)
     dense = Dense(model.eval(), result.accuracy, result.rewind_state, time.perf_counter() - started)
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        partial = run_dir / (DENSE_FILE + ".partial")
-        torch.save({"settings": wanted, "model": model.state_dict(), "accuracy": dense.accuracy,
-                    "rewind": dense.rewind_state}, partial)
-        partial.replace(run_dir / DENSE_FILE)
+        run_dir.save(DENSE, {"model": model.state_dict(), "accuracy": dense.accuracy, "rewind": dense.rewind_state})
+        run_dir.discard(resume[1])
     return dense
 
 
-def _cached(run_dir: Path | None, wanted: dict) -> dict | None:
-    path = None if run_dir is None else run_dir / DENSE_FILE
-    if path is None or not path.is_file():
-        return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    return saved if saved.get("settings") == wanted else None
+def dense_settings(fingerprint: dict, config: TrainConfig, rewind_iteration: int) -> dict:
+    """What decides the dense parent's weights: the run directory's key for it."""
+    return {**fingerprint, "train": config.settings(), "rewind": rewind_iteration}

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.backends import BackendError, Session, available_backends, get_backend, known_backends
+from agent.backends import BackendError, Session, available_backends, get_backend, known_backends, tflite
 from agent.backends.tflite import TfliteBackend
+from agent.cli import main
 from agent.portfolio import Portfolio
 
 BACKENDS = ["onnxruntime", "tflite"]
@@ -124,6 +125,75 @@ def test_both_backends_are_available_here():
     assert available_backends() == ["onnxruntime", "tflite"]
     assert get_backend("onnxruntime").file_format == "onnx"
     assert get_backend("tflite").file_format == "tflite"
+
+
+# ---------------------------------------------------------------- tflite-runtime in place of ai-edge-litert
+
+# What tflite-runtime 2.14 (built against numpy 1) does under numpy 2: imports, then fails on every model.
+FAILS_ON_EVERY_MODEL = """
+import sys
+
+class Interpreter:
+    def __init__(self, model_path=None, num_threads=None):
+        print("AttributeError: _ARRAY_API not found", file=sys.stderr)
+        raise ImportError("numpy.core.multiarray failed to import")
+"""
+FAILS_TO_IMPORT = 'raise AttributeError("_ARRAY_API not found")\n'
+
+
+@pytest.fixture
+def only_tflite_runtime(tmp_path, monkeypatch):
+    """No ai-edge-litert; install(version, source) puts a tflite_runtime package of that interpreter.py on the path."""
+
+    def install(version: str, interpreter_source: str) -> None:
+        package = tmp_path / "site-packages" / "tflite_runtime"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(f"__version__ = {version!r}\n")
+        (package / "interpreter.py").write_text(interpreter_source)
+        monkeypatch.syspath_prepend(str(package.parent))
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    tflite._runtime.cache_clear()
+    yield install
+    for name in ("tflite_runtime", "tflite_runtime.interpreter"):
+        sys.modules.pop(name, None)
+    tflite._runtime.cache_clear()
+
+
+@pytest.mark.parametrize("interpreter_source", [FAILS_ON_EVERY_MODEL, FAILS_TO_IMPORT], ids=["imports", "no-import"])
+def test_tflite_runtime_under_numpy_2_is_unavailable_and_says_how_to_fix_it(
+    only_tflite_runtime, monkeypatch, interpreter_source, small_portfolio, capsys
+):
+    only_tflite_runtime("2.14.0", interpreter_source)
+    monkeypatch.setattr(np, "__version__", "2.2.6")
+
+    assert not TfliteBackend.available()
+    assert available_backends() == ["onnxruntime"]
+    with pytest.raises(BackendError, match=re.escape('pip install "numpy<2", or pip install ai-edge-litert')):
+        get_backend("tflite")
+
+    assert main(["check", str(small_portfolio), "--backend", "tflite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "backend 'tflite' cannot run on this machine: tflite_runtime" in err and "numpy<2" in err
+    assert "\n" not in err
+
+
+def test_tflite_runtime_under_numpy_1_is_the_fallback(only_tflite_runtime, monkeypatch):
+    only_tflite_runtime("2.14.0", FAILS_ON_EVERY_MODEL)
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+
+    assert TfliteBackend.available()
+    assert tflite._runtime().interpreter_class.__module__ == "tflite_runtime.interpreter"
+
+
+def test_a_tflite_runtime_failing_on_numpy_anyway_names_the_fix_at_load(only_tflite_runtime, monkeypatch, tmp_path):
+    only_tflite_runtime("2.20.0.dev20250409", FAILS_ON_EVERY_MODEL)  # a build that should take numpy 2, yet does not
+    monkeypatch.setattr(np, "__version__", "2.2.6")
+
+    assert TfliteBackend.available()
+    with pytest.raises(BackendError, match=re.escape('model.tflite: the TFLite runtime needs numpy<2 (numpy.core.')):
+        get_backend("tflite").open(tmp_path / "model.tflite", "dense")
 
 
 def test_tflite_rejects_a_file_whose_input_shape_differs_from_the_manifest(small_portfolio):

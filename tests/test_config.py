@@ -30,8 +30,14 @@ def test_mqtt_section_enables_the_fleet_link(tmp_path):
     assert config.mqtt.host == "broker" and config.mqtt.port == 1883 and config.mqtt.device_id == "pi-1"
 
 
+def test_providers_override_the_profiles_preference(tmp_path):
+    config = load_config(write(tmp_path, 'providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]\n' + MINIMAL))
+    assert config.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 @pytest.mark.parametrize("text, message", [
     (MINIMAL + "colour = 3\n", "unknown key 'colour'"),
+    (MINIMAL + 'providers = "CUDAExecutionProvider"\n', "providers must be a list of names"),
     (MINIMAL + "[policy]\nlatency_slo = 5\n", "unknown key 'policy.latency_slo'"),
     (MINIMAL + '[policy]\nlatency_slo_ms = "fast"\n', "policy.latency_slo_ms must be a number"),
     (MINIMAL + "[http]\nlisten = 8080\n", "http.listen must be a string"),

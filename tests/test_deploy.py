@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,8 @@ import pytest
 from agent.fleet.deploy import DeployError, DeployRequest, PortfolioStore
 from agent.portfolio import Portfolio, sha256_file
 from agent.signing import generate_keypair, sign_manifest
+
+SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
 
 
 def portfolio_named(small_portfolio: Path, destination: Path, name: str) -> Path:
@@ -333,3 +336,42 @@ def test_a_hand_installed_current_directory_is_adopted_on_the_first_deploy(tmp_p
     assert deployed.name == "digits-v2"
     assert deployed.previous.name.startswith("digits-v1-")
     assert store.rollback().name == "digits-v1"
+
+
+# ---------------------------------------------------------------------- the systemd unit
+
+
+def device_allow(unit_file: Path) -> list[str]:
+    return [line.split("=", 1)[1] for line in unit_file.read_text().splitlines() if line.startswith("DeviceAllow=")]
+
+
+def test_the_unit_lets_vcgencmd_open_the_nodes_of_current_and_older_raspberry_pi_os():
+    allowed = device_allow(SYSTEMD / "edgeshift-agent.service")
+    assert {"/dev/vcio_gencmd rw", "/dev/vcio rw", "/dev/vchiq rw"} <= set(allowed)
+
+
+def test_the_jetson_drop_in_lets_cuda_open_the_gpu_on_jetpack_5_and_6():
+    allowed = device_allow(SYSTEMD / "jetson.conf")
+    assert {"/dev/nvmap rw", "/dev/nvhost-ctrl-gpu rw", "/dev/nvgpu/igpu0/ctrl rw"} <= set(allowed)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here (apt install systemd)")
+@pytest.mark.parametrize("drop_ins", [[], ["jetson.conf"]], ids=["unit", "unit+jetson"])
+def test_systemd_accepts_the_unit_without_a_warning(tmp_path, drop_ins):
+    # verify insists that ExecStart exists; a stub stands in for the installed agent.
+    agent = tmp_path / "edgeshift-agent"
+    agent.write_text("#!/bin/sh\n")
+    agent.chmod(0o755)
+    unit_text = (SYSTEMD / "edgeshift-agent.service").read_text()
+    assert "ExecStart=/opt/edgeshift/.venv/bin/edgeshift-agent " in unit_text
+    unit = tmp_path / "edgeshift-agent.service"
+    unit.write_text(unit_text.replace("/opt/edgeshift/.venv/bin/edgeshift-agent", str(agent)))
+    for name in drop_ins:  # verify reads drop-ins from <unit>.d/ beside the unit
+        (tmp_path / "edgeshift-agent.service.d").mkdir(exist_ok=True)
+        shutil.copy(SYSTEMD / name, tmp_path / "edgeshift-agent.service.d" / name)
+
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120)
+
+    about_ours = [line for line in (result.stdout + result.stderr).splitlines()
+                  if str(tmp_path) in line or "edgeshift-agent" in line]
+    assert result.returncode == 0 and about_ours == [], result.stdout + result.stderr

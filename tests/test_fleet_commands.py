@@ -99,6 +99,7 @@ def test_bench_returns_the_table_as_data(handler, agent):
     assert table["runs"] == 3 and table["backend"] == "onnxruntime"
     assert [row["id"] for row in table["variants"]] == agent.status()["variants"]
     assert all(row["count"] == 3 and 0 < row["p50"] <= row["p95"] <= row["p99"] for row in table["variants"])
+    assert {row["provider"] for row in table["variants"]} == {"CPUExecutionProvider"}
     assert "integer from 1 to 200" in send(handler, "bench", {"runs": 0}, "b-2")["error"]
 
 

@@ -175,6 +175,7 @@ def test_birth_is_retained_and_the_session_rises_with_each_connection(broker, li
     assert birth["portfolio"] == {"name": agent.name, "digest": agent.portfolio.digest}
     assert birth["variants"] == agent.status()["variants"] and birth["active"] == agent.active
     assert birth["backend"] == "onnxruntime" and "onnxruntime" in birth["backends"] and birth["agent_version"]
+    assert birth["providers"] == {vid: "CPUExecutionProvider" for vid in birth["variants"]}
 
     first.stop()
     offline = watcher.wait_for(prefix(device_id) + "status", lambda p: p["state"] == "offline")[0]
@@ -247,7 +248,7 @@ def test_telemetry_and_events_carry_ts_schema_and_a_rising_seq(broker, link_fact
     assert latest["schema"] == "edgeshift.telemetry/1" and latest["ts"] > 0 and latest["active"] == agent.active
     assert {"cpu_percent", "per_core_percent", "mem_available_mb", "rss_mb", "temperature_c", "throttling",
             "load_avg"} <= set(latest["resources"])
-    assert set(latest["latency"]) == set(variants)
+    assert set(latest["latency"]) == set(variants) == set(latest["providers"])
     assert set(latest["latency"][variants[0]]) == {"count", "p50", "p95", "p99"}
     assert sum(t["throughput_rps"] for t in telemetry) > 0 and latest["errors"] == 0
     assert latest["outbox"]["dropped"] == 0 and latest["outbox"]["pending"] >= 0

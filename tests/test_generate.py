@@ -9,13 +9,14 @@ import pytest
 
 from agent.backends import BackendError, Session
 from agent.backends.onnx import OnnxRuntimeBackend
+from agent.backends.providers import CPU
 from agent.bench import save_bench, store_path
 from agent.cli import main
 from agent.http_api import InferenceServer
 from agent.policy import PolicySettings
 from agent.portfolio import Portfolio, PortfolioError, tokenizer_entry, write_manifest
 from agent.profiles import load_profile
-from agent.runtime import InferenceError
+from agent.runtime import InferenceError, Runtime
 from agent.service import Agent
 from agent.stats import LatencySummary
 
@@ -246,8 +247,9 @@ def test_a_tighter_slo_moves_an_lm_portfolio_to_a_cheaper_variant(lm_dir, tmp_pa
     # On-device latencies per step as `edgeshift-agent bench --state-dir` stores them; perplexity 8, 9 and 11.
     portfolio = Portfolio.open(lm_dir)
     bench = {"dense": 30.0, "mosaic-unstructured-50": 4.0, "mosaic-composite-30": 0.5}
-    save_bench(store_path(tmp_path, portfolio.digest, "onnxruntime", 1),
-               {vid: LatencySummary(30, ms, ms, ms) for vid, ms in bench.items()}, "onnxruntime", 1)
+    measured_with = Runtime(portfolio, OnnxRuntimeBackend(), threads=1, providers={vid: CPU for vid in bench})
+    save_bench(store_path(tmp_path, measured_with),
+               {vid: LatencySummary(30, ms, ms, ms) for vid, ms in bench.items()}, measured_with)
     agent = started(lm_dir, slo_ms=1000, state_dir=tmp_path, backend=SlowOnnxRuntime({"dense": 0.030}))
     try:
         assert agent.active == "dense"  # the lowest perplexity that fits

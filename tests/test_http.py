@@ -69,6 +69,7 @@ def test_model_metadata_describes_the_tensors(served):
     assert status == 200
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
     assert meta["outputs"][0]["datatype"] == "FP32" and meta["parameters"]["active"] in meta["versions"]
+    assert meta["parameters"]["providers"] == {vid: "CPUExecutionProvider" for vid in meta["versions"]}
     assert call(server, "GET", f"/v2/models/{agent.name}/ready")[0] == 200
 
 

@@ -6,8 +6,9 @@ import torch.nn as nn
 from exporter.data import load_dataset
 from exporter.errors import ExportError
 from exporter.models import build_model
-from exporter.dnnshifter.imp import ImpConfig, run_imp
+from exporter.dnnshifter.imp import ImpConfig, imp_settings, run_imp
 from exporter.pruning.masks import full_masks, global_magnitude_prune, prunable_weights
+from exporter.run_dir import RunDir
 from exporter.train import TrainConfig, seeded, train
 
 
@@ -78,14 +79,14 @@ def test_imp_levels_shrink_density_and_rewind(digits, tmp_path):
     build = lambda: seeded(0, lambda: build_model("resnet20", width=0.25))
     config = ImpConfig(levels=2, fraction=0.5, rewind_iteration=5, level_epochs=1)
 
-    levels = run_imp(build, digits, TrainConfig(epochs=2), config, keep={0, 1, 2}, run_dir=tmp_path,
-                     progress=False)
+    run_dir = RunDir.open(tmp_path, {"imp": imp_settings({}, TrainConfig(epochs=2), config)})
+    levels = run_imp(build, digits, TrainConfig(epochs=2), config, keep={0, 1, 2}, run_dir=run_dir, progress=False)
 
     assert [round(levels[k].density, 2) for k in (0, 1, 2)] == [1.0, 0.5, 0.25]
     assert levels[2].accuracy > 0.2  # twice chance (0.1) after one epoch at a quarter of the weights; 0.28-0.31 across CPUs
     assert sorted(p.name for p in tmp_path.glob("level_*.pt")) == ["level_00.pt", "level_01.pt", "level_02.pt"]
 
-    again = run_imp(build, digits, TrainConfig(epochs=2), config, keep={2}, run_dir=tmp_path, progress=False)
+    again = run_imp(build, digits, TrainConfig(epochs=2), config, keep={2}, run_dir=run_dir, progress=False)
     assert again[2].accuracy == levels[2].accuracy  # reused from the run directory, not retrained
 
 

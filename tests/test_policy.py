@@ -78,6 +78,16 @@ def test_a_step_down_goes_only_to_a_variant_cheaper_beyond_noise():
     assert "p95 6.0 ms > SLO 5.0 ms: structured expected at 2.2 ms" in decision.reason
 
 
+def test_a_reason_that_names_a_variants_cost_names_the_provider_it_was_measured_on():
+    portfolio = [
+        Candidate("dense", quality=0.95, bench_p95_ms=4.0, memory_mb=10, provider="CUDAExecutionProvider"),
+        Candidate("structured", quality=0.90, bench_p95_ms=1.5, memory_mb=3, provider="CPUExecutionProvider"),
+    ]
+    policy = Policy(portfolio, PolicySettings(latency_slo_ms=5.0))
+    decision = policy.decide(observe(100, "dense", p95=6.0))
+    assert "structured on CPU expected at 2.2 ms" in decision.reason
+
+
 def test_when_nothing_fits_the_step_down_takes_the_most_accurate_of_the_cheapest():
     portfolio = [
         Candidate("dense", quality=0.95, bench_p95_ms=4.0, memory_mb=10, bench_p50_ms=3.6),

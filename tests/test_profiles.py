@@ -57,6 +57,7 @@ def test_boards_get_their_own_cores_and_limits():
     assert rpi5.threads == 4 and rpi4.threads == 4 and nano.threads == 4 and orin.threads == 6
     assert rpi5.thermal.throttle_c == 80.0 and rpi5.thermal.critical_c == 85.0
     assert rpi5.vcgencmd and rpi5.throttled_paths and not rpi5.gpu_load_paths
+    assert rpi5.providers == ["CPUExecutionProvider"] and orin.providers[0] == "TensorrtExecutionProvider"
     assert nano.gpu_load_paths and nano.power_rail_globs and not nano.vcgencmd
     assert load_profile("x86").thermal_zones == []
 
@@ -140,6 +141,7 @@ def test_wrong_type_is_an_error_naming_file_and_key(tmp_path):
         (("threads = 2", "threads = 0"), "threads"),
         (("threads = 2", "threads = true"), "threads"),
         (('backend = "tflite"', 'backend = "tensorrt"'), "backend"),
+        (('backend = "tflite"', 'backend = "tflite"\nproviders = "CUDAExecutionProvider"'), "providers"),
         (("memory_budget_mb = 256", "memory_budget_mb = -1"), "memory_budget_mb"),
         (("latency_slo_ms = 40", "latency_slo_ms = []"), "latency_slo_ms"),
         (("critical_c = 85", "critical_c = 75"), "thermal limits must rise"),

@@ -10,6 +10,7 @@ from agent.portfolio import Portfolio
 from exporter.cli import main
 
 FACTORY = textwrap.dedent('''
+    import torch
     import torch.nn as nn
 
     def small_cnn(num_classes=10):
@@ -17,6 +18,21 @@ FACTORY = textwrap.dedent('''
             nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+    class ThroughNumpy(nn.Sequential):
+        """Runs for inference, but leaves torch in forward, so autograd (and the tracer) cannot follow."""
+
+        def forward(self, x):
+            return torch.from_numpy(super().forward(x).numpy())
+
+
+    def numpy_cnn(num_classes=10):
+        return ThroughNumpy(*small_cnn(num_classes))
+
+
+    def broken(num_classes=10):
+        raise ValueError("this factory needs a config file")
 ''')
 
 
@@ -70,6 +86,8 @@ def test_without_data_random_inputs_check_the_twin_and_no_accuracy_is_claimed(tm
     (["--input-shape", "1,8,8"], "rejects inputs of shape [1, 1, 8, 8]"),
     (["--num-classes", "3"], "does not fit"),
     (["--data", "digits", "--input-shape", "3,16,16"], "holds inputs of shape [3, 32, 32]"),
+    (["--model", "usermodels:numpy_cnn"], "the structured step cannot trace model usermodels:numpy_cnn"),
+    (["--model", "usermodels:broken"], "model factory usermodels:broken failed"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, sparse_checkpoint, capsys, extra, message):
     argv = ["structure", "--model", "usermodels:small_cnn", "--checkpoint", str(sparse_checkpoint),

@@ -179,6 +179,55 @@ class PlusOne(nn.Module):
         return self.fc(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
 
 
+class ScalarShift(PlusOne):
+    """relu(s * conv(x) + b) with learned scalars: b is a parameter the graph does not show as a channel tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(0.7))
+        self.b = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        x = torch.relu(self.s * self.conv1(x) + self.b)
+        return self.fc(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+class ChannelMean(PlusOne):
+    """A reduction over channels: removing a zero channel changes what the mean divides by."""
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        return self.fc((torch.relu(self.conv2(x)) * x.mean(dim=1, keepdim=True)).mean(dim=(2, 3)))
+
+
+class ChannelShuffle(PlusOne):
+    """ShuffleNet's view-transpose-reshape: channel c of conv1 is not channel c of conv2's input."""
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization: the weights used are not the weights stored, so zero columns prove nothing."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class StandardizedReader(PlusOne):
+    def __init__(self):
+        super().__init__()
+        self.conv2 = StandardizedConv(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
 class GroupedConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -190,22 +239,161 @@ class GroupedConvNet(nn.Module):
         return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("build, dead_layer", [(PlusOne, "conv1"), (GroupedConvNet, "conv2")])
-def test_a_removal_the_analysis_got_wrong_is_caught_and_its_group_kept(build, dead_layer):
-    """Issue 11's cases: a constant added after the conv (inexact), filters of a grouped conv (crash)."""
-    torch.manual_seed(0)
-    sparse = build().eval()
+def empty_filters(model: nn.Module, layer: str, count: int = 3) -> nn.Module:
     with torch.no_grad():
-        conv = getattr(sparse, dead_layer)
-        conv.weight[:3] = 0
-        conv.bias[:3] = 0
+        conv = getattr(model, layer)
+        conv.weight[:count] = 0
+        conv.bias[:count] = 0
+    return model
+
+
+UNPROVABLE = [(PlusOne, "conv1"), (ScalarShift, "conv1"), (ChannelMean, "conv1"), (ChannelShuffle, "conv1"),
+              (GroupedConvNet, "conv2")]
+
+
+@pytest.mark.parametrize("build, dead_layer", UNPROVABLE)
+def test_channels_the_analysis_cannot_prove_dead_are_kept(build, dead_layer):
+    """Issue 11's cases: a constant or scalar parameter added behind the conv, a reduction over channels, a
+    channel shuffle, a grouped conv's filters. Each used to come out inexact or crashing; the analysis now
+    keeps them itself, so the fallback is not needed."""
+    torch.manual_seed(0)
+    sparse = empty_filters(build().eval(), dead_layer)
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=None)
+
+    assert dead_layer not in result.removed and result.fallback is None
+    assert max_diff(sparse, result.model, x) <= EXACT
+
+
+def test_zero_weight_columns_of_a_weight_transforming_conv_are_not_read_as_unread():
+    torch.manual_seed(0)
+    sparse = StandardizedReader().eval()
+    with torch.no_grad():
+        sparse.conv2.weight[:, :3] = 0  # stored zero, used non-zero after standardization
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=None)
+
+    assert result.removed == {} and result.fallback is None
+    assert max_diff(sparse, result.model, x) <= EXACT
+
+
+def test_a_removal_the_analysis_got_wrong_is_caught_and_its_group_kept(monkeypatch):
+    """The safety net behind the analysis: with the shuffle wrongly taken as channel-aligned, the one-pass
+    removal crashes; the check catches it and rebuilds group by group, keeping conv1's channels."""
+    import exporter.pruning.coupling as coupling
+    import exporter.pruning.liveness as liveness
+
+    for module in (liveness, coupling):
+        monkeypatch.setattr(module, "channel_aligned", lambda node: True)
+    torch.manual_seed(0)
+    sparse = empty_filters(ChannelShuffle().eval(), "conv1")
     x = torch.randn(4, 3, 16, 16)
 
     result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=None)
 
     assert result.fallback is not None  # the one-pass removal broke the model...
-    assert dead_layer in result.kept and result.kept[dead_layer]  # ...so that group stays, with the reason
+    assert "conv1" in result.kept and result.kept["conv1"]  # ...so that group stays, with the reason
     assert max_diff(sparse, result.model, x) <= EXACT and result.model is not sparse
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3/EfficientNet's gate: x * sigmoid(expand(relu(reduce(mean(x)))))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.reduce = nn.Conv2d(8, 4, 1)
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True)))))
+        return self.fc(torch.relu(self.conv2(x * gate)).mean(dim=(2, 3)))
+
+
+def test_a_dead_channel_times_its_gate_goes_with_the_gate_weights():
+    torch.manual_seed(0)
+    sparse = empty_filters(SqueezeExcite().eval(), "conv1")
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=sparse.fc)
+
+    model = result.model
+    assert sum(result.removed.values()) == 3 and result.fallback is None
+    assert (model.conv1.out_channels, model.reduce.in_channels, model.expand.out_channels,
+            model.conv2.in_channels) == (5, 5, 5, 5)
+    assert max_diff(sparse, model, x) <= EXACT
+
+
+class GroupedBottleneck(nn.Module):
+    """RegNet's block: 1x1, grouped 3x3 (4 groups of 4 channels), 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.grouped(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.relu(self.conv3(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("emptied, groups_left", [(range(4, 8), 3), (range(4, 6), 4)])
+def test_a_grouped_conv_loses_whole_dead_groups_only(emptied, groups_left):
+    """IMP empties the grouped conv's filters (and masks the BN behind them); a whole emptied group goes,
+    with the channels conv1 computes only for it; a half-emptied group stays."""
+    torch.manual_seed(0)
+    sparse = GroupedBottleneck().eval()
+    randomize_batchnorm(sparse)
+    with torch.no_grad():
+        sparse.grouped.weight[list(emptied)] = 0
+        sparse.bn2.weight[list(emptied)] = 0
+        sparse.bn2.bias[list(emptied)] = 0
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=sparse.fc)
+
+    model, width = result.model, 4 * groups_left
+    assert result.fallback is None and sum(result.removed.values()) == 16 - width
+    assert (model.grouped.groups, model.grouped.in_channels, model.grouped.out_channels) == (groups_left, width, width)
+    assert (model.conv1.out_channels, model.bn2.num_features, model.conv3.in_channels) == (width, width, width)
+    assert max_diff(sparse, model, x) <= EXACT
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.norm(self.conv1(x))))).mean(dim=(2, 3)))
+
+
+def test_group_norm_loses_whole_dead_groups_only():
+    """Channels 0-3 (group 0) are dead with zero beta; 4-5 are dead but share group 1 with live ones."""
+    torch.manual_seed(0)
+    sparse = empty_filters(GroupNormNet().eval(), "conv1", count=6)
+    with torch.no_grad():
+        sparse.norm.bias[:6] = 0
+    x = torch.randn(4, 3, 16, 16)
+
+    result = remove_dead_channels(copy.deepcopy(sparse), x[:1], keep_outputs_of=sparse.fc)
+
+    norm = result.model.norm
+    assert sum(result.removed.values()) == 4 and result.fallback is None
+    assert (norm.num_groups, norm.num_channels, result.model.conv2.in_channels) == (3, 12, 12)
+    assert max_diff(sparse, result.model, x) <= EXACT
 
 
 class DenseBlock(nn.Module):

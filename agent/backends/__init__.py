@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,7 @@ class Session(ABC):
 
     variant_id: str
     path: Path
+    provider: str | None = None  # the execution provider that runs it; None: the runtime has no choice
 
     @abstractmethod
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -48,11 +50,19 @@ class Backend(ABC):
     name: str  # e.g. "onnxruntime"; what configuration files and get_backend() use
     file_format: str  # which of a variant's files it loads: "onnx" | "tflite"
     pip_package: str  # what to install when the runtime is missing
+    # Where the runtime can run a variant, best first (onnxruntime's execution providers); the agent
+    # serves each variant on the first one that loads it and passes its health check. (None,): no choice.
+    providers: tuple[str | None, ...] = (None,)
 
     @staticmethod
     @abstractmethod
     def available() -> bool:
-        """Whether the runtime can be imported on this machine."""
+        """Whether the runtime can run on this machine."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """One line on why available() is false here, and what to install."""
+        return f"backend '{cls.name}' is not installed on this machine: pip install {cls.pip_package}"
 
     @abstractmethod
     def open(
@@ -63,8 +73,14 @@ class Backend(ABC):
         threads: int | None = None,
         manifest_layout: str | None = None,
         file_input_shape: list[int] | None = None,
+        provider: str | None = None,
     ) -> Session:
-        """Load the model file at `path`; BackendError (naming the path) if it cannot be loaded."""
+        """Load the model file at `path` to run on `provider` (one of `providers`; None: the first);
+        BackendError (naming the path) if it cannot be loaded."""
+
+    def use_providers(self, preferred: Sequence[str], state_dir: Path | None = None) -> None:
+        """Try these providers, best first, where installed; state_dir keeps what they build (engines).
+        A runtime without providers ignores them."""
 
 
 _registry: dict[str, type[Backend]] | None = None
@@ -110,7 +126,5 @@ def get_backend(name: str) -> Backend:
     if backend_class is None:
         raise BackendError(f"unknown backend '{name}'; known backends: {', '.join(known_backends())}")
     if not backend_class.available():
-        raise BackendError(
-            f"backend '{name}' is not installed on this machine: pip install {backend_class.pip_package}"
-        )
+        raise BackendError(backend_class.unavailable_reason())
     return backend_class()

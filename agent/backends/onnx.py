@@ -1,14 +1,21 @@
-"""onnxruntime on the CPU: loads a variant's .onnx file."""
+"""onnxruntime: loads a variant's .onnx file, on the best execution provider that takes it.
+
+A session for provider P also lists the providers after P in the chain: onnxruntime gives them the
+nodes P cannot run. The provider a session reports is the first one onnxruntime actually registered.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.backends import Backend, BackendError, Session
+from agent.backends.providers import (CPU, ENGINE_CACHE_DIR, TENSORRT, installed_providers, provider_chain,
+                                     provider_options)
 
 # onnxruntime's type strings for the dtypes a portfolio uses; inputs are cast to these.
 _NUMPY_DTYPES = {
@@ -29,9 +36,16 @@ class OnnxRuntimeBackend(Backend):
     file_format = "onnx"
     pip_package = "onnxruntime"
 
-    def __init__(self, allow_spinning: bool = False) -> None:
+    def __init__(self, allow_spinning: bool = False, *, installed: Sequence[str] | None = None,
+                 create_session: Callable[..., Any] | None = None) -> None:
+        """`installed` replaces onnxruntime's own list of providers and `create_session` its
+        InferenceSession (both for tests)."""
         # Spinning threads keep cores busy between requests: an idle agent would heat a Pi for nothing.
         self.allow_spinning = allow_spinning
+        self.providers: tuple[str, ...] = (CPU,)
+        self.engine_cache_dir: Path | None = None
+        self._installed = installed
+        self._create_session = create_session or inference_session
 
     @staticmethod
     def available() -> bool:
@@ -60,14 +74,26 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         manifest_layout: str | None = None,  # the .onnx file takes the manifest's layout as it is
         file_input_shape: list[int] | None = None,
+        provider: str | None = None,
     ) -> Session:
-        import onnxruntime as ort
-
+        if provider is not None and provider not in self.providers:
+            raise BackendError(f"{path}: {provider} is not among this agent's providers ({', '.join(self.providers)})")
+        chain = self.providers[self.providers.index(provider):] if provider is not None else self.providers
         try:
-            session = ort.InferenceSession(str(path), self.session_options(threads), providers=["CPUExecutionProvider"])
+            session = self._create_session(str(path), self.session_options(threads), list(chain),
+                                           [provider_options(name, self.engine_cache_dir) for name in chain])
         except Exception as error:  # onnxruntime's errors derive from Exception only
-            raise BackendError(f"{path}: onnxruntime cannot load this file ({error})") from None
+            on = "" if chain[0] == CPU else f" on {chain[0]}"
+            raise BackendError(f"{path}: onnxruntime cannot load this file{on} ({error})") from None
         return OnnxRuntimeSession(session, Path(path), variant_id)
+
+    def use_providers(self, preferred: Sequence[str], state_dir: Path | None = None) -> None:
+        installed = installed_providers() if self._installed is None else self._installed
+        self.providers = tuple(provider_chain(preferred, installed))
+        self.engine_cache_dir = None
+        if TENSORRT in self.providers and state_dir is not None:
+            self.engine_cache_dir = state_dir / ENGINE_CACHE_DIR
+            self.engine_cache_dir.mkdir(parents=True, exist_ok=True)
 
 
 class OnnxRuntimeSession(Session):
@@ -75,6 +101,7 @@ class OnnxRuntimeSession(Session):
         self.path = path
         self.variant_id = variant_id
         self._session: Any | None = session
+        self.provider = session.get_providers()[0]
         self._input_names = [spec.name for spec in session.get_inputs()]
         self._input_dtypes = [_NUMPY_DTYPES.get(spec.type) for spec in session.get_inputs()]
 
@@ -98,3 +125,14 @@ class OnnxRuntimeSession(Session):
 
     def close(self) -> None:
         self._session = None
+
+
+def inference_session(path: str, options: Any, providers: list[str], options_per_provider: list[dict]) -> Any:
+    import onnxruntime as ort
+
+    # onnxruntime's own fallback would move a session to another provider silently (printing to
+    # stdout): the agent falls back itself, variant by variant, and says so in an event.
+    session = ort.InferenceSession(path, options, providers=providers, provider_options=options_per_provider,
+                                   enable_fallback=0)
+    session.disable_fallback()  # releases before enable_fallback= only know this switch
+    return session

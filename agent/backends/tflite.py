@@ -4,12 +4,18 @@ The exported files have a fixed batch of 1. A batch of N is run by resizing the 
 inputs to N when the batch size changes: as fast as N single invocations on one thread, faster on
 two (1.3x at batch 8, 1.7x at batch 32 for the small ResNet). Should a file refuse the resize, or
 answer with another batch size than asked, the session runs sample by sample from then on.
+
+The runtime is ai-edge-litert, else tflite-runtime. tflite-runtime before 2.18 (every release on
+PyPI: the last is 2.14.0) was built against numpy 1: under numpy 2 it imports, then fails on every
+model with "_ARRAY_API not found" (on stderr only), so the probe reports that pairing unavailable,
+with the fix, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +27,60 @@ from agent.backends import Backend, BackendError, Session
 _TO_OTHER_LAYOUT = {"NCHW": (0, 2, 3, 1), "NHWC": (0, 3, 1, 2)}
 
 
+@dataclass(frozen=True)
+class _Runtime:
+    """The interpreter class found here; or None, with why when a runtime is installed but cannot run."""
+
+    interpreter_class: Any | None
+    problem: str | None = None
+
+
+# The first TensorFlow release built against numpy 2; tflite_runtime carries TensorFlow's version.
+_FIRST_NUMPY_2_BUILD = (2, 18)
+_NUMPY_1_FIX = 'pip install "numpy<2", or pip install ai-edge-litert'
+
+
 @functools.cache
-def _interpreter_class() -> Any | None:
+def _runtime() -> _Runtime:
     try:
         from ai_edge_litert.interpreter import Interpreter
 
-        return Interpreter
+        return _Runtime(Interpreter)
     except ImportError:
         pass
     try:
+        import tflite_runtime
         from tflite_runtime.interpreter import Interpreter
+    except Exception as error:  # under numpy 2 its import can also fail, in several ways
+        if isinstance(error, ModuleNotFoundError) and error.name == "tflite_runtime":
+            return _Runtime(None)
+        if _numpy_major_version() >= 2:
+            return _Runtime(None, f"tflite_runtime does not import under numpy {np.__version__}: {_NUMPY_1_FIX}")
+        return _Runtime(None, f"tflite_runtime does not import ({_one_line(error)}): pip install ai-edge-litert")
+    version = getattr(tflite_runtime, "__version__", "unknown")
+    if _numpy_major_version() >= 2 and _major_minor(version) < _FIRST_NUMPY_2_BUILD:
+        return _Runtime(None, (
+            f"tflite_runtime {version} was built for numpy 1 and cannot run with numpy {np.__version__} "
+            f'(every model would fail to load with "_ARRAY_API not found"): {_NUMPY_1_FIX}'
+        ))
+    return _Runtime(Interpreter)
 
-        return Interpreter
-    except Exception:  # tflite_runtime built against numpy 1 fails to import in several ways under numpy 2
-        return None
+
+def _numpy_major_version() -> int:
+    return int(np.__version__.split(".")[0])
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(2, 14) for "2.14.0"; (0, 0) when unreadable, which counts as old."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 class TfliteBackend(Backend):
@@ -44,7 +90,14 @@ class TfliteBackend(Backend):
 
     @staticmethod
     def available() -> bool:
-        return _interpreter_class() is not None
+        return _runtime().interpreter_class is not None
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        problem = _runtime().problem
+        if problem is None:
+            return super().unavailable_reason()
+        return f"backend '{cls.name}' cannot run on this machine: {problem}"
 
     def open(
         self,
@@ -54,14 +107,17 @@ class TfliteBackend(Backend):
         threads: int | None = None,
         manifest_layout: str | None = None,
         file_input_shape: list[int] | None = None,
+        provider: str | None = None,  # LiteRT has no providers to choose from
     ) -> Session:
-        interpreter_class = _interpreter_class()
+        interpreter_class = _runtime().interpreter_class
         if interpreter_class is None:
-            raise BackendError(f"{path}: no TFLite runtime installed: pip install {self.pip_package}")
+            raise BackendError(f"{path}: {self.unavailable_reason()}")
         try:
             interpreter = interpreter_class(model_path=str(path), num_threads=threads)
             interpreter.allocate_tensors()
         except Exception as error:
+            if "_ARRAY_API" in str(error) or "multiarray failed to import" in str(error):
+                raise BackendError(f"{path}: the TFLite runtime needs numpy<2 ({error}): {_NUMPY_1_FIX}") from None
             raise BackendError(f"{path}: the TFLite runtime cannot load this file ({error})") from None
         actual_shape = [int(size) for size in interpreter.get_input_details()[0]["shape"]]
         if file_input_shape is not None and list(file_input_shape) != actual_shape:

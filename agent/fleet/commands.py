@@ -227,7 +227,8 @@ class CommandHandler:
             raise CommandError("the agent has not started")
         results = bench_variants(runtime, agent.status()["variants"], agent.canary, runs=runs, warmup=2)
         return {"backend": agent.backend.name, "threads": agent.threads, "runs": runs,
-                "variants": [{"id": vid, **summary.to_dict()} for vid, summary in results.items()]}
+                "variants": [{"id": vid, "provider": runtime.providers.get(vid), **summary.to_dict()}
+                             for vid, summary in results.items()]}
 
 
 def _check_args(name: str, schema: dict[str, Arg], args: dict) -> str | None:

@@ -463,6 +463,7 @@ class FleetLink:
             "portfolio": {"name": agent.name, "digest": agent.portfolio.digest},
             "variants": status["variants"], "unhealthy": status["unhealthy"], "active": status["active"],
             "pin": status["pin"], "backend": agent.backend.name, "backends": self._backends,
+            "providers": status["providers"],
         })
 
     def _offline_payload(self, reason: str, session: int | None = None) -> dict:
@@ -483,6 +484,7 @@ class FleetLink:
             "active": agent.active if agent.runtime is not None else None,
             "resources": self._resources(),
             "latency": {vid: window.summary().to_dict() for vid, window in windows.items()},
+            "providers": dict(agent.runtime.providers) if agent.runtime is not None else {},
             "requests": {vid: window.total for vid, window in windows.items()},
             "throughput_rps": round((requests - requests_before) / max(now - since, 1e-6), 3),
             "errors": errors - errors_before, "errors_total": errors,

@@ -9,7 +9,6 @@ import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,8 @@ from exporter.dnnshifter.imp import ImpConfig, run_imp
 from exporter.errors import ExportError
 from exporter.methods import Context
 from exporter.models import classifier_of
-from exporter.pruning.structured import EXACT_ATOL, remove_dead_channels
+from exporter.pruning.structured import EXACT_ATOL, Untraceable, remove_dead_channels
+from exporter.run_dir import RunDir
 from exporter.train import predict
 from exporter.writer import BuiltVariant, describe
 
@@ -26,8 +26,7 @@ from exporter.writer import BuiltVariant, describe
 class DnnShifter:
     imp: ImpConfig = field(default_factory=ImpConfig)
     levels: list[int] | None = None   # levels kept as variants; default: every third, and the last
-    run_dir: Path | None = None
-    fingerprint: dict = field(default_factory=dict)
+    run_dir: RunDir | None = None   # opened with imp_settings
     name: str = "dnnshifter"
 
     def kept_levels(self) -> list[int]:
@@ -39,7 +38,7 @@ class DnnShifter:
         started = time.perf_counter()
         pretrained = {"model": context.dense.model.state_dict(), "rewind": context.rewind_state}
         levels = run_imp(context.build, context.data, context.train, self.imp, set(self.kept_levels()), self.run_dir,
-                         self.fingerprint, pretrained=pretrained, progress=context.progress)
+                         pretrained=pretrained, progress=context.progress, log=context.log)
         context.log(f"DNNShifter: IMP kept {len(levels)} levels in {time.perf_counter() - started:.1f} s")
         for level in sorted(levels):
             yield from self._level_variants(context, level, levels[level])
@@ -55,8 +54,8 @@ class DnnShifter:
         structured = copy.deepcopy(sparse)  # the step works in place; the sparse parent is a variant too
         try:
             result = remove_dead_channels(structured, example, keep_outputs_of=classifier_of(structured))
-        except Exception as error:  # torch-pruning cannot trace the model: ship the sparse level alone
-            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        except Untraceable as error:  # ship the sparse level alone
+            reason = str(error)
             context.log(f"warning: level {level}: the structured step cannot trace this model, so the level ships as "
                         f"its sparse variant only: {reason}")
             yield BuiltVariant(describe(sparse, sparse_id, "imp-sparse", "dense", trained.density, example, metrics,

@@ -16,9 +16,11 @@ import torch.nn as nn
 
 from agent.portfolio import Manifest
 from exporter.data import Dataset, load_dataset
+from exporter.device import placed_on, resolve_device
 from exporter.errors import ExportError
+from exporter.imagefolder import looks_like_image_folder
 from exporter.models import build_model, classifier_of, load_checkpoint
-from exporter.pruning.structured import remove_dead_channels
+from exporter.pruning.structured import Untraceable, remove_dead_channels
 from exporter.train import evaluate
 from exporter.writer import BuiltVariant, WriteOptions, check_output_dir, describe, staged_output, write_portfolio
 
@@ -38,6 +40,7 @@ class StructureSpec:
     name: str | None = None
     force: bool = False
     seed: int = 0
+    device: str = "cpu"                 # where accuracies are evaluated; the step and the export stay on the CPU
 
 
 def build_structured_portfolio(spec: StructureSpec, log=print) -> Manifest:
@@ -51,14 +54,20 @@ def build_structured_portfolio(spec: StructureSpec, log=print) -> Manifest:
     labelled = spec.data is not None
 
     def metrics(m: nn.Module) -> dict:
-        return {"accuracy": evaluate(m, data.test_x, data.test_y), "dataset": data.name,
-                "n": len(data.test_y)} if labelled else {}
+        if not labelled:
+            return {}
+        with placed_on(m, resolve_device(spec.device)):
+            return {"accuracy": evaluate(m, data.test_x, data.test_y), "dataset": data.name, "n": len(data.test_y)}
 
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     density = nonzero / max(1, sum(p.numel() for p in model.parameters()))
 
     structured = copy.deepcopy(model)  # the step works in place; the sparse model is a variant too
-    result = remove_dead_channels(structured, example, keep_outputs_of=_classifier(structured))
+    try:
+        result = remove_dead_channels(structured, example, keep_outputs_of=_classifier(structured))
+    except Untraceable as error:
+        raise ExportError(f"the structured step cannot trace model {spec.model} ({error}); it traces forward "
+                          "through autograd, so forward must keep its tensors in torch") from None
     details = {"structured_ms": round(result.seconds * 1000, 1), "checkpoint": str(spec.checkpoint),
                **result.kept_details()}
     if result.kept_warning():
@@ -89,7 +98,10 @@ def _data(spec: StructureSpec) -> Dataset:
         return Dataset("random", x, torch.zeros(len(x), dtype=torch.int64), x, torch.zeros(len(x), dtype=torch.int64),
                        [str(label) for label in range(spec.num_classes)],
                        {"scale": 1.0, "mean": [0.0] * channels, "std": [1.0] * channels})
-    data = load_dataset(spec.data, seed=spec.seed)
+    height, width = spec.input_shape[1:]
+    # An image folder is resized to the model's input; other formats have their own size, checked below.
+    resize = height if height == width and looks_like_image_folder(Path(spec.data)) else None
+    data = load_dataset(spec.data, seed=spec.seed, input_size=resize)
     if tuple(data.input_shape) != tuple(spec.input_shape):
         raise ExportError(f"--data {spec.data} holds inputs of shape {list(data.input_shape)}, but --input-shape "
                           f"says {list(spec.input_shape)}; give matching data or shape")

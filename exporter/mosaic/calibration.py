@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from exporter.device import device_of, to_device
 from exporter.errors import ExportError
 from exporter.mosaic.load import decoder_layers, projections
 
@@ -110,10 +111,11 @@ def _layer_zero_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.T
         raise _Caught
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = device_of(model)
     try:
         for window in windows:
             try:
-                model(window.unsqueeze(0), use_cache=False)
+                model(to_device(window.unsqueeze(0), device), use_cache=False)
             except _Caught:
                 pass
     finally:
@@ -139,8 +141,9 @@ def _layer_stats(
 ) -> tuple[LayerStats, torch.Tensor]:
     """Run the windows through `layer` with hooks on its projections: its statistics and outputs."""
     linears = projections(layer, index)
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
-    products = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()} if hessians else {}
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in linears.items()}
+    products = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                for name, m in linears.items()} if hessians else {}
     tokens = {name: 0 for name in linears}
 
     def hook_for(name: str):

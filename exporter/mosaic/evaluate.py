@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from exporter.device import device_of, to_device
 from exporter.errors import ExportError
 
 
@@ -16,7 +17,8 @@ from exporter.errors import ExportError
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
     """exp of the mean next-token negative log-likelihood over every predicted token of the windows.
 
-    Each window [context] is scored on its own (no state carries over), predicting tokens 1..context-1.
+    Each window [context] is scored on its own (no state carries over), predicting tokens 1..context-1,
+    wherever `model` lives.
     """
     if windows.dtype != torch.int64 or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise ExportError(
@@ -26,8 +28,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> 
     if batch_size < 1:
         raise ExportError(f"batch size must be at least 1, got {batch_size}")
     total_nll, tokens = 0.0, 0
+    device = device_of(model)
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
+        batch = to_device(windows[start:start + batch_size], device)
         logits = model(input_ids=batch, use_cache=False).logits
         targets = batch[:, 1:]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")

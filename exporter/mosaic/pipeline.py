@@ -4,7 +4,9 @@ Per sparsity: `mosaic-unstructured` (each projection its own ratio from its outl
 `mosaic-composite` (heads and neurons removed first, so the model really shrinks, then projection
 pruning of what remains); with `baselines`, also `mosaic-global` (uniform Wanda) and
 `mosaic-layer` (OWL). Every variant is evaluated (perplexity on the evaluation text at a fixed
-context), exported to ONNX (input_ids to logits), checked against torch and timed.
+context), exported to ONNX (input_ids to logits), checked against torch and timed. Calibration, pruning
+and perplexity run on the chosen device; each variant goes back to the CPU once measured, for export
+and timing.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 
 from agent.portfolio import LanguageModel, Manifest, TensorSpec, Variant, file_entry, save_samples, tokenizer_entry, \
     write_manifest
+from exporter.device import CPU, resolve_device
 from exporter.errors import ExportError
 from exporter.latency import onnx_latency_ms
 from exporter.mosaic.corpus import read_corpus, token_windows
@@ -53,6 +56,7 @@ class MosaicSpec:
     checkpoints: Path | None = None   # also save each pruned model here (loads back with load_causal_lm)
     name: str | None = None
     force: bool = False
+    device: str = "auto"              # where to calibrate, prune and measure perplexity (exporter.device)
 
 
 def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
@@ -61,7 +65,9 @@ def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
         replace(spec.unstructured, sparsity=sparsity).validate()  # every bad option fails before loading the model
     if not 0 <= spec.composite_ratio < 1:
         raise ExportError(f"composite structured ratio must be in [0, 1), got {spec.composite_ratio}")
+    device = resolve_device(spec.device)
     model, tokenizer = load_causal_lm(spec.model)
+    model.to(device)
     if tokenizer is None:
         raise ExportError(f"{spec.model} ships no tokenizer; Mosaic needs one to read the calibration text")
     calib = token_windows(tokenizer, read_corpus(spec.calib), spec.context, spec.calib_windows, spec.seed,
@@ -81,13 +87,14 @@ def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
             report = prune_unstructured(pruned, calib, replace(config, granularity=granularity))
             variant_id = f"{METHOD_OF[granularity]}-s{round(sparsity * 100)}"
             built.append(BuiltVariant(_describe(pruned, variant_id, METHOD_OF[granularity], "dense", 1 - report.overall,
-                                          metrics(pruned), _details(report, granularity, config)), pruned))
+                                          metrics(pruned), _details(report, granularity, config)), pruned.to(CPU)))
             log(_line(built[-1].variant, report))
         built.append(_composite(model, calib, config, spec, metrics, log))
 
+    model.to(CPU)  # the dense variant, the last one still on the device
     name = spec.name or f"{Path(spec.model).stem.lower()}-mosaic"
     with staged_output(spec.out, spec.force) as staging:
-        return _export(staging, name, tokenizer, model, built, held_out, spec, log)
+        return _export(staging, name, tokenizer, model, built, held_out, spec, device, log)
 
 
 def _composite(model: nn.Module, calib: torch.Tensor, config: UnstructuredConfig, spec: MosaicSpec, metrics, log
@@ -103,7 +110,8 @@ def _composite(model: nn.Module, calib: torch.Tensor, config: UnstructuredConfig
                "layers": [shape.sizes() for shape in layer_shapes(pruned)]}
     variant_id = f"mosaic-composite-s{round(config.sparsity * 100)}"
     density = nonzero_count(pruned) / parameter_count(model)
-    built = BuiltVariant(_describe(pruned, variant_id, "mosaic-composite", "dense", density, metrics(pruned), details), pruned)
+    built = BuiltVariant(_describe(pruned, variant_id, "mosaic-composite", "dense", density, metrics(pruned), details),
+                         pruned.to(CPU))
     log(_line(built.variant, report))
     return built
 
@@ -135,7 +143,7 @@ def _line(variant: Variant, report: PruneReport) -> str:
 
 
 def _export(root: Path, name: str, tokenizer, dense: nn.Module, built: list[BuiltVariant], held_out: torch.Tensor,
-            spec: MosaicSpec, log) -> Manifest:
+            spec: MosaicSpec, device: torch.device, log) -> Manifest:
     (root / "variants").mkdir()
     samples = held_out[:SAMPLE_SHAPE[0], :SAMPLE_SHAPE[1]].clone()
     for item in built:
@@ -163,7 +171,7 @@ def _export(root: Path, name: str, tokenizer, dense: nn.Module, built: list[Buil
         language_model=LanguageModel(tokenizer=tokenizer_entry(root, "tokenizer.json"),
                                      bos_token_id=_token_id(config.bos_token_id), eos_token_id=_token_id(config.eos_token_id),
                                      context_length=spec.context),
-        exporter={**exporter_versions(), "method": "mosaic", "model": str(spec.model),
+        exporter={**exporter_versions(), "method": "mosaic", "model": str(spec.model), "device": str(device),
                   "unstructured": json.dumps(asdict(spec.unstructured)), "context": str(spec.context)},
     )
     write_manifest(root, manifest)

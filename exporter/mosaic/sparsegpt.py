@@ -87,7 +87,7 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdam
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     weight[:, dead] = 0
-    h += torch.eye(h.shape[0], dtype=h.dtype) * (percdamp * torch.diag(h).mean())
+    h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (percdamp * torch.diag(h).mean())
     try:
         lower = torch.linalg.cholesky(h)
     except torch.linalg.LinAlgError as error:
@@ -96,5 +96,5 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdam
             "use more calibration windows or the wanda pruner"
         ) from error
     # cholesky_solve, not cholesky_inverse: the latter takes 100x longer with more than one thread.
-    inverse = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype), lower)
+    inverse = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), lower)
     return torch.linalg.cholesky(inverse, upper=True).float()

@@ -106,11 +106,12 @@ def _plan(
         heads, kv_heads = _head_counts(attention)
         dead_heads, dead_groups = _dead_heads(attention)
         head_scores, group_scores = _head_importance(attention, norms) if norms else (
-            torch.zeros(heads), torch.zeros(kv_heads))
+            torch.zeros(heads, device=dead_heads.device), torch.zeros(kv_heads, device=dead_heads.device))
         kept_groups, kept_heads = _choose_heads(
             head_scores.masked_fill(dead_heads, -1.0), group_scores, dead_heads, dead_groups, ratio)
         dead_neurons = _dead_neurons(mlp, act_fn_zero_at_zero)
-        neuron_scores = _neuron_importance(mlp, norms) if norms else torch.zeros(len(dead_neurons))
+        neuron_scores = _neuron_importance(mlp, norms) if norms else \
+            torch.zeros(len(dead_neurons), device=dead_neurons.device)
         kept_neurons = _choose_neurons(neuron_scores.masked_fill(dead_neurons, -1.0), dead_neurons, ratio)
     return LayerShape(len(kept_heads), len(kept_groups), len(kept_neurons), kept_heads, kept_groups, kept_neurons)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from exporter.pruning.liveness import zero_output_channels
+from exporter.pruning.liveness import trace, zero_output_channels
 
 
 @dataclass
@@ -104,7 +104,7 @@ def with_batchnorm_of_empty_filters(model: nn.Module, masks: Masks, example_inpu
     """
     probe = copy.deepcopy(model).eval()  # tracing a training-mode model would move its BN statistics
     apply_masks(probe, Masks(ranked=masks.ranked))
-    dg = tp.DependencyGraph().build_dependency(probe, example_inputs=example_input)
+    dg = trace(probe, example_input)
     return Masks(ranked=masks.ranked, derived=batchnorm_masks_of_empty_filters(probe, dg))
 
 

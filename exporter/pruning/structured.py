@@ -23,12 +23,18 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from exporter.pruning.liveness import block_nonzero, is_depthwise, zero_output_channels
+from exporter.pruning.coupling import dead_root_indices
+from exporter.pruning.grouped import dead_conv_groups, remove_conv_groups
+from exporter.pruning.liveness import trace, zero_node_channels
 
 
 EXACT_ATOL = 1e-4      # relative to max(1, |output|): what "answers like the sparse model" means
 PROBE_COUNT = 8        # random inputs the result is checked on, besides the example input
 _MAX_ROUNDS = 3        # group-by-group rounds: a removal can leave other channels unread
+
+
+class Untraceable(Exception):
+    """Torch-pruning cannot trace the model, so no removal can be proven; the message is one line."""
 
 
 @dataclass
@@ -56,7 +62,8 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, k
 
     The removal works in place and `result.model is model`, unless the check fails: then `model`
     may be left half-changed and `result.model` is a copy rebuilt group by group (see `fallback`
-    and `kept`). `keep_outputs_of` (the classifier) keeps its outputs. `dg`, the model's traced
+    and `kept`). `keep_outputs_of` (the classifier) keeps its outputs. Raises `Untraceable` when
+    torch-pruning cannot trace the model. `dg`, the model's traced
     graph when the caller has it already, is used and changed, and the caller checks the result
     (Reconvene changes the model's weights around the step). `seconds` is the whole step.
     """
@@ -73,7 +80,11 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, k
     probe = _probe_inputs(example_input)
     expected = _outputs(original, probe)
     try:
-        removed = _remove_in_place(model, example_input, ignored, None)
+        dg = trace(model, example_input)
+    except Exception as error:  # the tracer fails on what it cannot follow (data-dependent control flow, ...)
+        raise Untraceable(_one_line(error)) from None
+    try:
+        removed = _remove_in_place(model, example_input, ignored, dg)
         problem = _mismatch(model, probe, expected)
     except Exception as error:  # an op the analysis does not model can break the rebuilt layers any way
         problem = _one_line(error)
@@ -87,19 +98,28 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, k
 def _remove_in_place(model: nn.Module, example_input: torch.Tensor | None, ignored: list[nn.Module],
                      dg: tp.DependencyGraph | None) -> dict[str, int]:
     if dg is None:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    zero = zero_output_channels(dg)  # indexed by channels as they are now; valid until a module's outputs shrink
+        dg = trace(model, example_input)
+    # Liveness masks index channels as they are before any removal, so every group is judged on
+    # them first; removing one group's channels leaves the other groups' root indices as they were.
+    zero = zero_node_channels(dg)
+    proven = {group[0].dep.target.module: (len(group[0].idxs), dead_root_indices(dg, group, zero))
+              for group in _groups(dg, ignored)}
+    conv_groups = dead_conv_groups(dg, zero, ignored)
     removed: dict[str, int] = {}
+    for conv, whole in conv_groups.items():
+        removed[dg._module2name.get(conv, type(conv).__name__)] = remove_conv_groups(dg, conv, whole)
 
-    for with_zero_analysis in (True, False, False):  # later passes catch channels whose readers were removed
+    for first_pass in (True, False, False):  # later passes catch channels whose readers were removed
         progress = False
         for group in _groups(dg, ignored):
-            count = _prune_dead(dg, group, zero if with_zero_analysis else {})
+            width, dead = proven.get(group[0].dep.target.module, (None, []))
+            count = _prune_dead(dg, group, dead if first_pass and width == len(group[0].idxs)
+                                else dead_root_indices(dg, group, {}))
             if count:
                 name = _root_name(dg, group)
                 removed[name] = removed.get(name, 0) + count
                 progress = True
-        if not progress and not with_zero_analysis:
+        if not progress and not first_pass:
             break
     return removed
 
@@ -131,27 +151,32 @@ def _remove_group_by_group(original: nn.Module, example_input: torch.Tensor, kee
 
 
 def _dead_group_roots(model: nn.Module, example_input: torch.Tensor, keep_name: str | None) -> list[str]:
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    zero = zero_output_channels(dg)
+    dg = trace(model, example_input)
+    zero = zero_node_channels(dg)
     return [_root_name(dg, group) for group in _groups(dg, _kept_outputs(model, keep_name))
-            if _dead_root_indices(dg, group, zero)]
+            if dead_root_indices(dg, group, zero)]
 
 
 def _remove_group(model: nn.Module, example_input: torch.Tensor, keep_name: str | None, root_name: str) -> int:
     """Remove the dead channels of the one coupling group rooted at `root_name`; how many went."""
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    zero = zero_output_channels(dg)
+    dg = trace(model, example_input)
+    zero = zero_node_channels(dg)
     group = next((g for g in _groups(dg, _kept_outputs(model, keep_name)) if _root_name(dg, g) == root_name), None)
-    return 0 if group is None else _prune_dead(dg, group, zero)
+    return 0 if group is None else _prune_dead(dg, group, dead_root_indices(dg, group, zero))
 
 
-def _prune_dead(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torch.Tensor]) -> int:
-    """Prune the group's provably dead channels; how many went."""
-    dead = _dead_root_indices(dg, group, zero)
+def _prune_dead(dg: tp.DependencyGraph, group, dead: list[int]) -> int:
+    """Prune the group's channels at root indices `dead`; how many went."""
     if len(dead) == len(group[0].idxs):
+        if any(isinstance(item.dep.target.module, nn.GroupNorm) for item in group.items):
+            return 0  # a group norm would have to keep a whole group: rare enough to keep them all
         dead = dead[1:]  # a layer needs one channel; the kept one is dead, so outputs stay exact
     if dead:
+        norms = {item.dep.target.module for item in group.items if isinstance(item.dep.target.module, nn.GroupNorm)}
+        per_group = {norm: norm.num_channels // norm.num_groups for norm in norms}
         dg.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
+        for norm, channels in per_group.items():  # torch-pruning shrinks a group norm's channels, not its groups
+            norm.num_groups = norm.num_channels // channels
     return len(dead)
 
 
@@ -192,51 +217,3 @@ def _mismatch(model: nn.Module, probe: torch.Tensor, expected: torch.Tensor) -> 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:200]}"
-
-
-def _dead_root_indices(dg: tp.DependencyGraph, group, zero: dict[nn.Module, torch.Tensor]) -> list[int]:
-    """Root indices of the group's channels that are provably zero or read by nobody."""
-    width = len(group[0].idxs)
-    produced_zero = torch.ones(width, dtype=torch.bool) if zero else torch.zeros(width, dtype=torch.bool)
-    unread = torch.ones(width, dtype=torch.bool)
-    has_source = has_reader = False
-
-    for item in group.items:
-        module, handler = item.dep.target.module, item.dep.handler
-        if len(item.idxs) != width or sorted(item.root_idxs) != list(range(width)):
-            return []  # index remapping (concat, split) that this analysis does not follow
-        position = torch.tensor(item.root_idxs)
-        member = torch.tensor(item.idxs)
-        depthwise = is_depthwise(module)
-        if dg.is_out_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-            if zero:
-                mask = zero.get(module)
-                produced_zero[position] &= mask[member] if mask is not None else False
-            has_source |= isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise
-        elif dg.is_in_channel_pruning_fn(handler) and _plain_reader(module):
-            unread[position] &= ~block_nonzero(module).any(dim=0)[member]
-            has_reader = True
-        elif dg.is_in_channel_pruning_fn(handler) and not _passes_channels_through(module):
-            return []  # an unknown reader (a norm layer, a custom op): keep everything
-
-    dead = torch.zeros(width, dtype=torch.bool)
-    if has_source:
-        dead |= produced_zero
-    if has_reader:
-        dead |= unread
-    return torch.nonzero(dead).flatten().tolist()
-
-
-def _plain_reader(module: nn.Module) -> bool:
-    """A linear, or a conv whose every filter reads every input channel (groups == 1)."""
-    return isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d) and module.groups == 1
-
-
-def _passes_channels_through(module: nn.Module) -> bool:
-    """Modules that read a channel only to pass it on, so they are not its final readers.
-
-    A concatenation passes each input channel on at an offset; torch-pruning's group indexes its
-    readers at that offset (`item.idxs`), which is what `_dead_root_indices` reads them by.
-    """
-    return is_depthwise(module) or isinstance(
-        module, (nn.modules.batchnorm._BatchNorm, tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp))

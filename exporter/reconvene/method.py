@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from exporter.device import resolve_device
 from exporter.methods import Context
 from exporter.pruning.masks import Masks
 from exporter.reconvene.reconvene import ReconveneConfig, reconvene
@@ -36,8 +37,9 @@ class Reconvene:
         initial = context.build()
         batch = (data.train_x[:self.calibration_size], data.train_y[:self.calibration_size])
         scorer = self.config.scorer
+        device = resolve_device(context.train.device)
         for density in sorted(self.densities, reverse=True):
-            result = reconvene(initial, density, self.config, batch)
+            result = reconvene(initial, density, self.config, batch, device)
             context.log(f"density {density:.4f}: Reconvene generated the structured model in "
                         f"{result.seconds['total']:.2f} s (scoring {result.seconds['scoring']:.2f} s)")
             tag = f"pai-{scorer}-{density_tag(density)}"

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
+from exporter.device import CPU, to_device
 from exporter.errors import ExportError
 from exporter.models import classifier_of
-from exporter.reconvene.scorers import Batch, get_scorer
+from exporter.reconvene.scorers import Batch, Scored, get_scorer
 from exporter.reconvene.sensitivity import conv_filter_groups, rank_layers
 from exporter.reconvene.shrink import Shrunk, shrink
+from exporter.pruning.liveness import trace
 from exporter.pruning.masks import Masks, prunable_weights
 
 
@@ -50,8 +51,9 @@ class Reconvened:
                 "layers": [d.to_dict() for d in self.shrunk.decisions]}
 
 
-def reconvene(model: nn.Module, density: float, config: ReconveneConfig, batch: Batch) -> Reconvened:
-    """Prune `model` (freshly initialized, left unchanged) at `density` the Reconvene way."""
+def reconvene(model: nn.Module, density: float, config: ReconveneConfig, batch: Batch,
+              device: torch.device = CPU) -> Reconvened:
+    """Prune `model` (freshly initialized, left unchanged) at `density` the Reconvene way, scoring on `device`."""
     if not 0 < density <= 1:
         raise ExportError(f"density must be in (0, 1], got {density}")
     config.validate()
@@ -60,14 +62,15 @@ def reconvene(model: nn.Module, density: float, config: ReconveneConfig, batch: 
     check_calibration_batch(model, batch)
 
     started = time.perf_counter()
-    scoring_copy = copy.deepcopy(model)
+    scoring_copy = copy.deepcopy(model).to(device)
     weights = prunable_weights(scoring_copy, classifier_of(scoring_copy), include_classifier=False)
     scorer = get_scorer(config.scorer, **_scorer_options(config, batch))
-    scored = scorer.prune(scoring_copy, weights, density, batch if scorer.needs_data else None)
+    on_device = (to_device(batch[0], device), to_device(batch[1], device))
+    scored = _on_cpu(scorer.prune(scoring_copy, weights, density, on_device if scorer.needs_data else None))
     scored_at = time.perf_counter()
 
     smaller = copy.deepcopy(model).eval()
-    dg = tp.DependencyGraph().build_dependency(smaller, example_inputs=batch[0][:1])  # traced once, used by all steps
+    dg = trace(smaller, batch[0][:1])  # traced once, used by all steps
     ranked = rank_layers(conv_filter_groups(smaller, dg, classifier_of(smaller)), scored.masks, scored.scores)
     convert = ranked[:round(config.structured_share * len(ranked))]
     ranked_at = time.perf_counter()
@@ -77,6 +80,13 @@ def reconvene(model: nn.Module, density: float, config: ReconveneConfig, batch: 
     seconds = {"scoring": scored_at - started, "sensitivity": ranked_at - scored_at, "shrinking": done - ranked_at,
                "total": done - started}
     return Reconvened(unstructured=scored.masks, shrunk=shrunk, seconds=seconds)
+
+
+def _on_cpu(scored: Scored) -> Scored:
+    """The scorer's masks and scores on the CPU: the sensitivity evaluator's few per-layer sums gain nothing
+    from a device, and the rectifier works on the CPU model."""
+    return Scored(Masks(ranked={name: m.to(CPU) for name, m in scored.masks.ranked.items()}),
+                  {name: score.to(CPU) for name, score in scored.scores.items()})
 
 
 def _scorer_options(config: ReconveneConfig, batch: Batch) -> dict:

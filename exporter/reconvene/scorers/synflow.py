@@ -12,6 +12,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from exporter.device import device_of
 from exporter.reconvene.scorers.base import Batch, Scored, Scorer, kept_count
 from exporter.pruning.masks import keep_top_scores
 
@@ -59,7 +60,7 @@ class SynFlow(Scorer):
                 for p in model.parameters():
                     p.abs_()
             try:
-                return run(torch.ones((1, *shape), dtype=dtype))
+                return run(torch.ones((1, *shape), dtype=dtype, device=device_of(model)))
             except OverflowError:
                 continue
         raise ValueError("SynFlow scores overflow even in float64; the network is too deep for it")
