@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SMOLLM := $(VENV)/.smollm2
 PORTFOLIO ?= build/portfolio
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-agent-py38 test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The agent's tests on Python 3.8 in .venv38 (agent dependencies only, no torch); skips without a python3.8.
+test-agent-py38: $(STAMP)
+	.ci/agent_py38
 
 test-all: $(STAMP) $(SMOLLM)
 	$(PY) -m pytest -q

@@ -6,6 +6,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from agent.fleet.topics import check_id, check_level
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -36,6 +38,8 @@ class MqttConfig:
     protocol: int = 5
     keepalive_s: int = 30
     telemetry_interval_s: float = 10.0
+    home_assistant: bool = False          # publish Home Assistant MQTT discovery (agent/fleet/home_assistant.py)
+    home_assistant_prefix: str = "homeassistant"  # Home Assistant's discovery prefix
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,16 @@ def parse_config(data: dict, source: str = "agent.toml") -> AgentConfig:
         raise ConfigError(f"{source}: preload must be all, neighbours or lazy, got {config.preload!r}")
     if config.mqtt is not None and config.mqtt.protocol not in (3, 5):
         raise ConfigError(f"{source}: mqtt.protocol must be 5 or 3 (3.1.1), got {config.mqtt.protocol}")
+    if config.mqtt is not None:
+        for key in ("fleet", "device_id"):
+            try:
+                check_id(getattr(config.mqtt, key), key.replace("_", " "))
+            except ValueError as error:
+                raise ConfigError(f"{source}: mqtt.{key}: {error}") from None
+        try:
+            check_level(config.mqtt.home_assistant_prefix, "the discovery prefix")
+        except ValueError as error:
+            raise ConfigError(f"{source}: mqtt.home_assistant_prefix: {error}") from None
     if config.http.listen:
         parse_listen(config.http.listen, source)
     return config
@@ -138,8 +152,10 @@ def _convert(value: Any, annotation: str, where: str) -> Any:
         return value
     if kind == "str" and isinstance(value, str):
         return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
     if kind == "list[str]" and isinstance(value, list) and all(isinstance(item, str) and item for item in value):
         return list(value)
-    expected = {"float": "a number", "int": "an integer", "str": "a string",
+    expected = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false",
                 "list[str]": "a list of names"}.get(kind, kind)
     raise ConfigError(f"{where} must be {expected}{' (or absent)' if optional else ''}, got {value!r}")

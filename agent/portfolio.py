@@ -57,7 +57,7 @@ def _check_containment(root: Path, manifest: Manifest) -> None:
     real_root = root.resolve()
     for what, entry in _listed_files(manifest):
         target = (root / entry.path).resolve()
-        if not target.is_relative_to(real_root):
+        if target != real_root and real_root not in target.parents:  # is_relative_to is Python 3.9+
             raise PortfolioError(
                 f"{entry.path}: {what} resolves outside the portfolio "
                 f"directory (to {target}); portfolio files must stay inside it"

@@ -101,7 +101,8 @@ def _mosaic_portfolio(args) -> int:
         composite_ratio=args.composite_ratio, baselines=args.baselines,
         unstructured=UnstructuredConfig(sparsity=sparsities[0], m=args.outlier_m, lam=args.lam, pruner=args.pruner),
         context=args.context, calib_windows=args.calib_windows, eval_windows=args.eval_windows, seed=args.seed,
-        checkpoints=args.checkpoints, name=args.name, force=args.force, device=str(device))
+        checkpoints=args.checkpoints, name=args.name, force=args.force, device=str(device),
+        offload_layers=args.offload_layers)
     manifest = build_mosaic_portfolio(spec, log=_log(args))
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     print(f"report: {args.out / 'report.md'}")
@@ -297,6 +298,9 @@ def _parser() -> argparse.ArgumentParser:
     mosaic.add_argument("--context", type=int, default=MosaicSpec.context, help="tokens per calibration and evaluation window")
     mosaic.add_argument("--calib-windows", type=int, default=MosaicSpec.calib_windows)
     mosaic.add_argument("--eval-windows", type=int, default=MosaicSpec.eval_windows)
+    mosaic.add_argument("--offload-layers", action="store_true",
+                        help="keep the model in CPU memory and move one decoder layer at a time to --device "
+                             "(a model larger than the GPU's memory)")
     mosaic.add_argument("--checkpoints", type=Path, help="also save each pruned model here (a loadable checkpoint)")
     pai.add_argument("--calibration-size", type=int, default=PortfolioSpec.calibration_size,
                      help="images SNIP and GraSP score on")

@@ -19,7 +19,7 @@ from exporter.dnnshifter.method import DnnShifter
 from exporter.errors import ExportError
 from exporter.methods import CLASSIFICATION_METHODS, Context, Method
 from exporter.models import build_model
-from exporter.reconvene.method import DEFAULT_DENSITIES, Reconvene
+from exporter.reconvene.method import DEFAULT_DENSITIES, Reconvene, reconvene_settings
 from exporter.reconvene.reconvene import ReconveneConfig
 from exporter.run_dir import RunDir
 from exporter.train import TrainConfig, seeded
@@ -89,6 +89,8 @@ def build_portfolio(spec: PortfolioSpec, log=print) -> Manifest | None:
     parts = {"dense": dense_settings(fingerprint, train_config, spec.imp.rewind_iteration)}
     if "dnnshifter" in spec.methods:
         parts["imp"] = imp_settings(fingerprint, train_config, spec.imp)
+    if "reconvene" in spec.methods:
+        parts["reconvene"] = reconvene_settings(fingerprint, train_config, spec.reconvene, spec.calibration_size)
     run_dir = RunDir.open(spec.run_dir, parts)  # other settings there: refused before any training
     if run_dir is not None and run_dir.holds():
         log(f"run dir {run_dir.path}: reusing {', '.join(run_dir.holds())}")
@@ -122,6 +124,6 @@ def _methods(spec: PortfolioSpec, run_dir: RunDir | None) -> list[Method]:
     made = {
         "dnnshifter": lambda: DnnShifter(spec.imp, spec.levels, run_dir),
         "reconvene": lambda: Reconvene(spec.reconvene, tuple(spec.densities), spec.calibration_size,
-                                       spec.pai_unstructured),
+                                       spec.pai_unstructured, run_dir),
     }
     return [made[name]() for name in spec.methods]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,18 +16,32 @@ SMALL_PORTFOLIO_ARGS = [
     "--imp-levels", "1", "--rewind-iteration", "5", "--keep-dominated", "--quiet",
 ]
 SMALL_PORTFOLIO_VARIANTS = ["dense", "imp-l01-sparse", "dense-int8", "imp-l01-sparse-int8"]
+PREBUILT_PORTFOLIO_VAR = "EDGESHIFT_TEST_PORTFOLIO"
+
+
+def build_small_portfolio(out: Path) -> None:
+    from exporter.cli import main
+
+    assert main(["portfolio", "--out", str(out), "--force", *SMALL_PORTFOLIO_ARGS]) == 0, "the exporter failed"
 
 
 @pytest.fixture(scope="session")
 def small_portfolio(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real, verified portfolio directory, exported once per test session (about 30 s). Read-only:
-    copy it (shutil.copytree) before changing anything in it."""
-    pytest.importorskip("torch", reason="building a portfolio needs the exporter's dependencies")
+    copy it (shutil.copytree) before changing anything in it.
+
+    EDGESHIFT_TEST_PORTFOLIO names one built beforehand (`python tests/conftest.py DIR` builds it):
+    how the agent's tests run on Python 3.8, where the exporter cannot (.ci/agent_py38)."""
     from agent.portfolio import Portfolio
-    from exporter.cli import main
 
     out = tmp_path_factory.mktemp("small_portfolio") / "portfolio"
-    assert main(["portfolio", "--out", str(out), *SMALL_PORTFOLIO_ARGS]) == 0, "the exporter failed"
+    prebuilt = os.environ.get(PREBUILT_PORTFOLIO_VAR)
+    if prebuilt:
+        shutil.copytree(prebuilt, out)  # a copy: a test that forgets to copy cannot spoil the next run
+    else:
+        pytest.importorskip("torch", reason=f"building a portfolio needs the exporter's dependencies "
+                                            f"(or set {PREBUILT_PORTFOLIO_VAR})")
+        build_small_portfolio(out)
     variants = [v.id for v in Portfolio.open(out).manifest.variants]  # fail here, not in every test
     assert variants == SMALL_PORTFOLIO_VARIANTS, f"the small portfolio changed: {variants}"
     return out
@@ -40,3 +56,9 @@ def broker(tmp_path_factory):
     port = free_port()
     with Broker(plain_config(port, directory), directory, port) as running:
         yield running
+
+
+if __name__ == "__main__":  # python tests/conftest.py DIR: the small portfolio, for EDGESHIFT_TEST_PORTFOLIO
+    import sys
+
+    build_small_portfolio(Path(sys.argv[1]))

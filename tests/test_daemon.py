@@ -1,4 +1,6 @@
 """The daemon under systemd: READY after warm-up, STATUS with the reason, WATCHDOG only while inference works."""
+from __future__ import annotations
+
 import socket
 import threading
 import time

@@ -356,7 +356,7 @@ def test_http_metadata_shows_int64_token_ids_and_the_generate_extension(lm_serve
     assert status == 200
     assert meta["inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, -1, VOCAB]}]
-    assert send(server, "/v2")[1]["extensions"] == ["generate"]
+    assert send(server, "/v2")[1]["extensions"] == ["binary_tensor_data", "generate"]
 
 
 def ids_tensor(data, datatype: str = "INT64") -> dict:

@@ -1,4 +1,6 @@
 """The HTTP front against the Open Inference Protocol (KServe v2), with its error codes."""
+from __future__ import annotations
+
 import http.client
 import json
 
@@ -143,4 +145,4 @@ def test_generate_on_a_classification_model_is_400_with_the_reason(served):
     agent, server = served
     status, reply = call(server, "POST", f"/v2/models/{agent.name}/generate", {"text_input": "hello"})
     assert status == 400 and "generate needs a causal-lm portfolio" in reply["error"]
-    assert call(server, "GET", "/v2")[1]["extensions"] == []  # no generate extension to announce
+    assert call(server, "GET", "/v2")[1]["extensions"] == ["binary_tensor_data"]  # and no generate

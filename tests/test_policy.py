@@ -1,4 +1,6 @@
 """The policy on scripted resource traces: step down at once, step up after a cooldown, never flap."""
+from __future__ import annotations
+
 import pytest
 
 from agent.policy import Candidate, Observation, Policy, PolicySettings

@@ -87,3 +87,30 @@ def test_the_cli_refuses_another_runs_directory_in_one_line_and_writes_nothing(t
     err = capsys.readouterr().err.strip()
     assert "holds a run with other dense settings (model: 'vgg16' there, 'resnet20' now)" in err and "\n" not in err
     assert not out.exists() and sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+def test_reconvene_variants_are_kept_and_reused_by_the_next_run(tmp_path):
+    from exporter.data import load_dataset
+    from exporter.methods import Context
+    from exporter.models import build_model
+    from exporter.reconvene.method import Reconvene, reconvene_settings
+    from exporter.reconvene.reconvene import ReconveneConfig
+    from exporter.train import TrainConfig, seeded
+
+    train, config = TrainConfig(epochs=1), ReconveneConfig()
+    data = load_dataset("digits")
+    build = lambda: seeded(0, lambda: build_model("resnet20", width=0.25))
+
+    def run() -> tuple[dict[str, float], list[str]]:
+        lines: list[str] = []
+        run_dir = RunDir.open(tmp_path, {"reconvene": reconvene_settings({}, train, config, 64)})
+        context = Context(data, build, None, None, train, False, lines.append)
+        method = Reconvene(config, (1 / 16,), 64, with_unstructured=False, run_dir=run_dir)
+        return {v.variant.id: v.variant.metrics["accuracy"] for v in method.variants(context)}, lines
+
+    first, _ = run()
+    again, lines = run()
+
+    assert again == first and list(first) == ["pai-synflow-x16-structured"]
+    assert any("reused from" in line for line in lines)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["pai-synflow-x16-structured.pt"]

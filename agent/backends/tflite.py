@@ -40,7 +40,7 @@ _FIRST_NUMPY_2_BUILD = (2, 18)
 _NUMPY_1_FIX = 'pip install "numpy<2", or pip install ai-edge-litert'
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _runtime() -> _Runtime:
     try:
         from ai_edge_litert.interpreter import Interpreter

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fleet.controller import BrokerOptions, CommandResult, Controller, ControllerError, DeviceStatus
+from agent.fleet.topics import check_id
 from agent.portfolio import PortfolioError, sha256_file
 
 PROG = "edgeshift-fleet"
@@ -265,6 +266,11 @@ def _send(args: argparse.Namespace) -> int:
     if (args.device is None) == (not args.all):
         rest = {"switch": " VARIANT", "pin": " VARIANT", "deploy": " ARCHIVE_OR_URL"}.get(args.command, "")
         raise UsageError(f"{args.command}: give DEVICE{rest} or --all{rest}" + (", not both" if args.all else ""))
+    if args.device is not None:
+        try:
+            check_id(args.device, "device id")  # before connecting: `all` is --all, `controller` no device
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     command_args = _command_args(args)
     timeout = args.timeout if args.timeout is not None else args.default_timeout
     with _controller(args) as controller:

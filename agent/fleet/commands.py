@@ -13,9 +13,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable  # typing's: the aliases below are evaluated (Python 3.8)
 
 from agent.bench import bench_variants
 from agent.fleet.topics import decode, encode

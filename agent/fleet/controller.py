@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.fleet.transport import no_delay
-from agent.fleet.topics import ROOT, Topics, check_level, decode, encode, envelope
+from agent.fleet.topics import RESERVED_IDS, ROOT, Topics, check_id, check_level, decode, encode, envelope
 
 CONTROLLER_SCHEMA = "edgeshift.controller/1"
 COMMAND_SCHEMA = "edgeshift.command/1"
@@ -102,7 +102,7 @@ class Controller:
     """One MQTT connection of a fleet controller. Use as a context manager, or connect() and close()."""
 
     def __init__(self, options: BrokerOptions, client_id: str | None = None, follow_telemetry: bool = False):
-        check_level(options.fleet, "fleet")
+        check_id(options.fleet, "fleet")
         if options.protocol not in (3, 5):
             raise ValueError(f"protocol must be 5 or 3 (3.1.1), got {options.protocol}")
         self.options = options
@@ -278,6 +278,8 @@ class Controller:
         if not isinstance(payload, dict) or not message.topic.startswith(self._base):
             return
         device, _, kind = message.topic[len(self._base):].partition("/")
+        if device in RESERVED_IDS:  # controller/status (another controller's announce), all/cmd/...: no device
+            return
         with self._lock:
             if kind == "status":
                 self._statuses[device] = DeviceStatus.from_payload(device, payload)

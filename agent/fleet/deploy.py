@@ -28,10 +28,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Dict
 
 from agent.backends import BackendError, get_backend
 from agent.portfolio import MANIFEST_FILE, Portfolio, PortfolioError
@@ -73,7 +72,7 @@ class Deployed:
     digest: str  # Portfolio.digest of the current one
 
 
-HealthCheck = Callable[[Portfolio], dict[str, str]]
+HealthCheck = Callable[[Portfolio], Dict[str, str]]  # typing's generics: evaluated here (Python 3.8)
 
 
 def onnxruntime_health_check(portfolio: Portfolio) -> dict[str, str]:

@@ -33,6 +33,7 @@ from agent import __version__
 from agent.backends import available_backends
 from agent.config import ConfigError, MqttConfig
 from agent.fleet.commands import CommandHandler
+from agent.fleet.home_assistant import HomeAssistant
 from agent.fleet.topics import (EVENT_SCHEMA, RESULT_SCHEMA, STATUS_SCHEMA, TELEMETRY_SCHEMA, Topics, decode,
                                 encode, envelope)
 from agent.monitor import ResourceMonitor
@@ -192,6 +193,8 @@ class FleetLink:
         self._monitor: ResourceMonitor | None = None
         self._telemetry_seq = 0
         self._served_before = (time.monotonic(), 0, 0)  # (when, requests, errors) at the last telemetry
+        self._telemetry_lock = threading.Lock()
+        self.home_assistant = HomeAssistant.for_link(self, Path(state_dir))  # None: discovery off, nothing to clear
 
     # -------------------------------------------------------------- public
 
@@ -205,6 +208,22 @@ class FleetLink:
         """The session of the current or last connection (counted across restarts); 0 before any."""
         return self._counters.session
 
+    @property
+    def client(self) -> mqtt.Client | None:
+        return self._client
+
+    def run_job(self, job: Callable[[], None]) -> None:
+        """Run `job` on the worker that runs commands (in order, off the network thread)."""
+        if not self._stopping.is_set():
+            self._jobs.put(job)
+
+    def publish_telemetry(self) -> None:
+        """One telemetry sample now (QoS 0), if connected."""
+        if self._ready:
+            with self._telemetry_lock:
+                payload = encode(self._telemetry_payload())
+            self._client.publish(self.topics.telemetry, payload, qos=0)
+
     def start(self) -> None:
         """Returns at once; ConfigError if the TLS files cannot be used."""
         if self._client is not None:
@@ -213,6 +232,8 @@ class FleetLink:
         self._served_before = (time.monotonic(), *self._served_totals())
         self._client = self._make_client()
         self.agent.listeners.append(self._on_agent_event)
+        if self.home_assistant is not None:
+            self.agent.listeners.append(self.home_assistant.on_event)
         for target, name in ((self._ack_worker, "acks"), (self._command_worker, "commands"),
                              (self._telemetry_loop, "telemetry")):
             thread = threading.Thread(target=target, name=f"fleet-{name}", daemon=True)
@@ -229,8 +250,9 @@ class FleetLink:
         if client is None or self._stopping.is_set():
             return
         self._stopping.set()
-        if self._on_agent_event in self.agent.listeners:
-            self.agent.listeners.remove(self._on_agent_event)
+        for listener in (self._on_agent_event, getattr(self.home_assistant, "on_event", None)):
+            if listener in self.agent.listeners:
+                self.agent.listeners.remove(listener)
         self._jobs.put(None)
         for thread in self._threads[1:]:  # commands and telemetry; acks last
             thread.join(timeout=10)
@@ -296,15 +318,18 @@ class FleetLink:
         with self._lock:
             self._counters.set_session(self._connecting_session)
             # paho would resend what it still holds; the outbox replays the same, in order, once.
-            client.drop_out_messages()
+            _drop_out_messages(client)
             self._inflight.clear()
             self._live.clear()
-            client.subscribe([(self.topics.commands, 1), (self.topics.broadcast_commands, 1),
-                              (self.topics.controller_status, 1)])
+            wanted = [self.topics.commands, self.topics.broadcast_commands, self.topics.controller_status]
+            ha = self.home_assistant
+            client.subscribe([(topic, 1) for topic in wanted + ([ha.status_topic] if ha and ha.status_topic else [])])
             try:
                 self._publish_birth()
             except Exception:  # a birth that cannot be made must not also hold back the outbox
                 log.exception("could not publish the birth")
+            if ha is not None:
+                self._jobs.put(ha.on_connect)  # publishes (or clears) discovery, after the birth
             self._ready = True
             self._pump()
         self.last_error = None
@@ -326,6 +351,10 @@ class FleetLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topics.controller_status:
             self._jobs.put(partial(self._on_controller_status, message.payload))
+            return
+        ha = self.home_assistant
+        if ha is not None and message.topic == ha.status_topic:
+            self._jobs.put(partial(ha.on_status, message.payload))
             return
         name = self.topics.command_name(message.topic)
         if name is not None:
@@ -367,8 +396,7 @@ class FleetLink:
     def _telemetry_loop(self) -> None:
         while not self._stopping.wait(self.config.telemetry_interval_s):
             try:
-                if self._ready:
-                    self._client.publish(self.topics.telemetry, encode(self._telemetry_payload()), qos=0)
+                self.publish_telemetry()
             except Exception:
                 log.exception("telemetry failed")
 
@@ -482,6 +510,7 @@ class FleetLink:
         return envelope(TELEMETRY_SCHEMA, {
             "seq": self._telemetry_seq, "session": self._counters.session,
             "active": agent.active if agent.runtime is not None else None,
+            "pin": agent.policy.settings.pin if agent.policy is not None else None,
             "resources": self._resources(),
             "latency": {vid: window.summary().to_dict() for vid, window in windows.items()},
             "providers": dict(agent.runtime.providers) if agent.runtime is not None else {},
@@ -512,6 +541,16 @@ def _check_readable(config: MqttConfig) -> None:
         path = getattr(config, key)
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(f"mqtt.{key}: cannot read {path}")
+
+
+def _drop_out_messages(client: mqtt.Client) -> None:
+    """paho's drop_out_messages (2.2+); on 2.1, the last paho for Python 3.8, the same by hand."""
+    drop = getattr(client, "drop_out_messages", None)
+    if drop is not None:
+        drop()
+        return
+    with client._out_message_mutex:
+        client._out_messages.clear()
 
 
 def _mark_historical(payload: bytes) -> bytes:

@@ -27,6 +27,22 @@ def check_level(value: str, what: str) -> str:
     return value
 
 
+# Topic levels under edgeshift/<fleet>/ that the layout gives a meaning: `all/cmd/<name>` reaches
+# every device and `controller/status` is the controller's. A device registered under one of these
+# names would get the broker ACL's per-device rights (edgeshift/<fleet>/%u/#) on them and could
+# command the whole fleet, so neither agent nor controller accepts them as a device id or fleet name.
+RESERVED_IDS = ("all", "controller")
+
+
+def check_id(value: str, what: str) -> str:
+    """A fleet name or device id: one topic level (check_level) that is not a reserved name."""
+    check_level(value, what)
+    if value in RESERVED_IDS:
+        raise ValueError(f"{what} {value!r} is reserved: edgeshift/<fleet>/{value}/ has a meaning in the topic "
+                         f"layout (reserved: {', '.join(RESERVED_IDS)})")
+    return value
+
+
 @dataclass(frozen=True)
 class Topics:
     """The topics one device uses: its own under `edgeshift/<fleet>/<device>/`, and the fleet's shared ones."""
@@ -35,8 +51,8 @@ class Topics:
     device: str
 
     def __post_init__(self) -> None:
-        check_level(self.fleet, "fleet")
-        check_level(self.device, "device id")
+        check_id(self.fleet, "fleet")
+        check_id(self.device, "device id")
 
     @property
     def prefix(self) -> str:

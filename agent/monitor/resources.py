@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 import psutil
 
@@ -24,7 +24,7 @@ VCGENCMD_INTERVAL_S = 5.0  # a subprocess costs tens of ms on a Pi: reuse its an
 # psutil sensor groups that measure the CPU package, preferred over disks, wifi and ACPI zones.
 CPU_SENSOR_GROUPS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal")
 
-CpuTimes = tuple[float, float]  # (busy, total) seconds
+CpuTimes = Tuple[float, float]  # (busy, total) seconds; typing's Tuple: evaluated here (Python 3.8)
 
 
 @dataclass

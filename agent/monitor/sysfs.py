@@ -103,7 +103,7 @@ def _iio_rails(device: Path) -> dict[str, float]:
     # ina3221x: rail_name_N, in_voltageN_input (mV), in_currentN_input (mA), N = 0..2
     rails = {}
     for name_file in sorted(device.glob("rail_name_*")):
-        channel = name_file.name.removeprefix("rail_name_")
+        channel = name_file.name[len("rail_name_"):]  # the glob guarantees the prefix
         name = read_text(name_file)
         power = _milliwatts(device / f"in_voltage{channel}_input", device / f"in_current{channel}_input")
         if name and power is not None:

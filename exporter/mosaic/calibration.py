@@ -15,6 +15,7 @@ import torch.nn as nn
 from exporter.device import device_of, to_device
 from exporter.errors import ExportError
 from exporter.mosaic.load import decoder_layers, projections
+from exporter.mosaic.offload import layer_device, moved
 
 # Windows run through a layer together: fewer, larger operations, while the MLP's intermediate
 # activations (windows x context x intermediate size) stay small.
@@ -66,6 +67,8 @@ def sequential_layers(model: nn.Module, windows: torch.Tensor, *, hessians: bool
     hidden, layer_kwargs = _layer_zero_inputs(model, windows)
     count = len(decoder_layers(model))
     for index in range(count):
+        _visit(model, index)
+
         def measure(index: int = index, hidden: torch.Tensor = hidden) -> LayerStats:
             return _layer_stats(index, decoder_layers(model)[index], hidden, layer_kwargs, hessians)[0]
 
@@ -76,6 +79,7 @@ def sequential_layers(model: nn.Module, windows: torch.Tensor, *, hessians: bool
         del stats
         if index + 1 < count:
             hidden = _run_layer(decoder_layers(model)[index], hidden, layer_kwargs)
+        _leave(model, index)  # the layer as the caller left it (resized layers are new modules)
 
 
 def collect_stats(model: nn.Module, windows: torch.Tensor) -> list[LayerStats]:
@@ -83,9 +87,34 @@ def collect_stats(model: nn.Module, windows: torch.Tensor) -> list[LayerStats]:
     hidden, layer_kwargs = _layer_zero_inputs(model, windows)
     collected = []
     for index, layer in enumerate(decoder_layers(model)):
+        _visit(model, index)
         stats, hidden = _layer_stats(index, layer, hidden, layer_kwargs, hessians=False)
+        _leave(model, index)
+        home = device_of(layer)  # the statistics stay beside the weights they score
+        stats.input_sq_norms = {name: norm.to(home) for name, norm in stats.input_sq_norms.items()}
         collected.append(stats)
     return collected
+
+
+def hidden_states_through(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """The hidden states leaving the last decoder layer, layer by layer (see `offload`)."""
+    hidden, layer_kwargs = _layer_zero_inputs(model, windows)
+    for index in range(len(decoder_layers(model))):
+        _visit(model, index)
+        hidden = _run_layer(decoder_layers(model)[index], hidden, layer_kwargs)
+        _leave(model, index)
+    return hidden
+
+
+def _visit(model: nn.Module, index: int) -> None:
+    device = layer_device()
+    if device is not None:
+        decoder_layers(model)[index].to(device)
+
+
+def _leave(model: nn.Module, index: int) -> None:
+    if layer_device() is not None:
+        decoder_layers(model)[index].to("cpu")
 
 
 class _Caught(Exception):
@@ -120,7 +149,9 @@ def _layer_zero_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.T
                 pass
     finally:
         handle.remove()
-    return torch.cat(captured), layer_kwargs
+    hidden = torch.cat(captured)
+    offload_to = layer_device()
+    return (hidden, layer_kwargs) if offload_to is None else (hidden.to(offload_to), moved(layer_kwargs, offload_to))
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from exporter.device import device_of, to_device
 from exporter.errors import ExportError
+from exporter.mosaic.calibration import hidden_states_through
+from exporter.mosaic.offload import final_logits, layer_device
 
 
 @torch.no_grad()
@@ -28,10 +30,14 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> 
     if batch_size < 1:
         raise ExportError(f"batch size must be at least 1, got {batch_size}")
     total_nll, tokens = 0.0, 0
-    device = device_of(model)
+    offload_to = layer_device()
+    device = device_of(model) if offload_to is None else offload_to
     for start in range(0, windows.shape[0], batch_size):
         batch = to_device(windows[start:start + batch_size], device)
-        logits = model(input_ids=batch, use_cache=False).logits
+        if offload_to is None:
+            logits = model(input_ids=batch, use_cache=False).logits
+        else:  # the model stays in CPU memory; its layers visit the device in turn
+            logits = final_logits(model, hidden_states_through(model, batch.cpu()), offload_to)
         targets = batch[:, 1:]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
         total_nll += float(nll)

@@ -27,6 +27,7 @@ from exporter.latency import onnx_latency_ms
 from exporter.mosaic.corpus import read_corpus, token_windows
 from exporter.mosaic.evaluate import latency_per_token_ms, nonzero_count, parameter_count, perplexity, weights_bytes
 from exporter.mosaic.load import load_causal_lm
+from exporter.mosaic.offload import layers_on
 from exporter.mosaic.onnx_export import export_causal_lm_onnx
 from exporter.mosaic.checkpoint import save_pruned
 from exporter.mosaic.structure import layer_shapes, remove_dead_structure, shrink_layer
@@ -57,6 +58,7 @@ class MosaicSpec:
     name: str | None = None
     force: bool = False
     device: str = "auto"              # where to calibrate, prune and measure perplexity (exporter.device)
+    offload_layers: bool = False      # keep the model in CPU memory; its layers visit the device one at a time
 
 
 def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
@@ -67,7 +69,13 @@ def build_mosaic_portfolio(spec: MosaicSpec, log=print) -> Manifest:
         raise ExportError(f"composite structured ratio must be in [0, 1), got {spec.composite_ratio}")
     device = resolve_device(spec.device)
     model, tokenizer = load_causal_lm(spec.model)
-    model.to(device)
+    with layers_on(device if spec.offload_layers else None):
+        if not spec.offload_layers:
+            model.to(device)
+        return _build(spec, model, tokenizer, device, log)
+
+
+def _build(spec: MosaicSpec, model: nn.Module, tokenizer, device: torch.device, log) -> Manifest:
     if tokenizer is None:
         raise ExportError(f"{spec.model} ships no tokenizer; Mosaic needs one to read the calibration text")
     calib = token_windows(tokenizer, read_corpus(spec.calib), spec.context, spec.calib_windows, spec.seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 
@@ -17,7 +17,8 @@ from exporter.device import resolve_device
 from exporter.methods import Context
 from exporter.pruning.masks import Masks
 from exporter.reconvene.reconvene import ReconveneConfig, reconvene
-from exporter.train import train
+from exporter.run_dir import RunDir
+from exporter.train import TrainConfig, train
 from exporter.writer import BuiltVariant, describe
 
 DEFAULT_DENSITIES = (1 / 16, 1 / 64, 1 / 256)
@@ -29,6 +30,7 @@ class Reconvene:
     densities: tuple[float, ...] = DEFAULT_DENSITIES
     calibration_size: int = 64      # images in the batch SNIP and GraSP score on
     with_unstructured: bool = True
+    run_dir: RunDir | None = None   # opened with reconvene_settings: trained variants kept, trainings resumed
     name: str = "reconvene"
 
     def variants(self, context: Context) -> Iterator[BuiltVariant]:
@@ -49,9 +51,9 @@ class Reconvene:
                            "generation_s": {"scoring": round(result.seconds["scoring"], 3)}}
                 parent = f"{tag}-unstructured"
                 yield _trained(context.build(), result.unstructured, context, parent, "pai-unstructured", None,
-                               density, details)
+                               density, details, self.run_dir)
             yield _trained(result.shrunk.model, result.shrunk.masks, context, f"{tag}-structured", "pai-structured",
-                           parent, density, result.details(density, scorer))
+                           parent, density, result.details(density, scorer), self.run_dir)
 
 
 def density_tag(density: float) -> str:
@@ -60,13 +62,42 @@ def density_tag(density: float) -> str:
     return f"x{round(ratio)}" if abs(ratio - round(ratio)) < 1e-6 else f"d{density:g}"
 
 
+def reconvene_settings(fingerprint: dict, train_config: TrainConfig, config: ReconveneConfig,
+                       calibration_size: int) -> dict:
+    """What decides each variant's architecture and weights: the run directory's key for them."""
+    return {**fingerprint, "reconvene": asdict(config), "calibration_size": calibration_size,
+            "train": train_config.settings()}
+
+
 def _trained(model: nn.Module, masks: Masks | None, context: Context, variant_id: str, method: str,
-             parent: str | None, density: float, details: dict) -> BuiltVariant:
+             parent: str | None, density: float, details: dict, run_dir: RunDir | None) -> BuiltVariant:
+    """`model` (Reconvene's architecture, recomputed deterministically on every run) trained, or its
+    weights from the run directory when an earlier run trained it."""
     started = time.perf_counter()
     data = context.data
-    result = train(model, data, context.train, masks=masks, description=variant_id, progress=context.progress)
+    kept = run_dir.load(variant_id) if run_dir is not None else None
+    if kept is not None and not _fits(model, kept["model"]):
+        context.log(f"{variant_id}: the kept weights do not fit the architecture scored now; training again")
+        kept = None
+    if kept is not None:
+        model.load_state_dict(kept["model"])
+        accuracy = kept["accuracy"]
+        context.log(f"{variant_id}: accuracy {accuracy:.4f}, reused from {run_dir.path}")
+    else:
+        resume = (run_dir, f"{variant_id}-training") if run_dir is not None else None
+        accuracy = train(model, data, context.train, masks=masks, description=variant_id, progress=context.progress,
+                         resume=resume).accuracy
+        if run_dir is not None:
+            run_dir.save(variant_id, {"model": model.state_dict(), "accuracy": accuracy})
+            run_dir.discard(resume[1])
+        context.log(f"{variant_id}: accuracy {accuracy:.4f} after {context.train.epochs} epochs "
+                    f"({time.perf_counter() - started:.0f} s)")
     model.eval()
-    context.log(f"{variant_id}: accuracy {result.accuracy:.4f} after {context.train.epochs} epochs "
-                f"({time.perf_counter() - started:.0f} s)")
-    metrics = {"accuracy": result.accuracy, "dataset": data.name, "n": len(data.test_y)}
+    metrics = {"accuracy": accuracy, "dataset": data.name, "n": len(data.test_y)}
     return BuiltVariant(describe(model, variant_id, method, parent, density, data.test_x[:1], metrics, details), model)
+
+
+def _fits(model: nn.Module, state: dict) -> bool:
+    """Whether `state` has exactly `model`'s tensors and shapes (scoring on another device may choose otherwise)."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(own[name].shape == state[name].shape for name in own)
