@@ -47,13 +47,11 @@ def dense_parent(build: Callable[[], nn.Module], data: Dataset, config: TrainCon
         model.load_state_dict(cached["model"])
         return Dense(model.eval(), cached["accuracy"], cached["rewind"], 0.0, reused=str(run_dir.path / f"{DENSE}.pt"))
     started = time.perf_counter()
-    resume = (run_dir, f"{DENSE}-training") if run_dir is not None else None
     result = train(model, data, config, rewind_iteration=rewind_iteration, description="dense", progress=progress,
-                   resume=resume)
+                   resume=run_dir.in_progress(DENSE) if run_dir is not None else None)
     dense = Dense(model.eval(), result.accuracy, result.rewind_state, time.perf_counter() - started)
     if run_dir is not None:
-        run_dir.save(DENSE, {"model": model.state_dict(), "accuracy": dense.accuracy, "rewind": dense.rewind_state})
-        run_dir.discard(resume[1])
+        run_dir.finish(DENSE, {"model": model.state_dict(), "accuracy": dense.accuracy, "rewind": dense.rewind_state})
     return dense
 
 

@@ -18,6 +18,7 @@ from exporter.distributed import is_writer
 from exporter.errors import ExportError
 
 SETTINGS_FILE = "run.json"
+IN_PROGRESS = "-training"  # suffix of a checkpoint's training in progress
 
 
 class RunDir:
@@ -55,9 +56,15 @@ class RunDir:
         if is_writer():
             _write_atomically(self._file(name), lambda file: torch.save(payload, file))
 
-    def discard(self, name: str) -> None:
+    def in_progress(self, name: str) -> tuple[RunDir, str]:
+        """Where the training that makes `name` keeps its state at each epoch, for `train(resume=...)`."""
+        return self, name + IN_PROGRESS
+
+    def finish(self, name: str, payload: dict) -> None:
+        """Keep `name`'s finished result, then drop its training in progress (a kill in between keeps both)."""
+        self.save(name, payload)
         if is_writer():
-            self._file(name).unlink(missing_ok=True)
+            self._file(name + IN_PROGRESS).unlink(missing_ok=True)
 
     def holds(self) -> list[str]:
         """The checkpoints on disk, by name, for the line that says what a run reuses."""

@@ -48,6 +48,21 @@ def small_portfolio(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def agent(small_portfolio, tmp_path_factory):
+    """A started agent on the small portfolio (onnxruntime, x86 profile, its own state directory)."""
+    from agent.policy import PolicySettings
+    from agent.portfolio import Portfolio
+    from agent.profiles import load_profile
+    from agent.service import Agent
+
+    agent = Agent(Portfolio.open(small_portfolio), load_profile("x86"), PolicySettings(latency_slo_ms=1000),
+                  backend="onnxruntime", threads=1, bench_runs=3, state_dir=tmp_path_factory.mktemp("agent-state"))
+    agent.start()
+    yield agent
+    agent.close()
+
+
+@pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """A mosquitto of the test module's own, on a free loopback port (tests/mqtt_broker.py)."""
     from mqtt_broker import Broker, free_port, plain_config

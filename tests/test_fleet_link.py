@@ -24,10 +24,6 @@ from paho.mqtt.properties import Properties
 
 from agent.config import ConfigError, MqttConfig
 from agent.fleet.link import FleetLink
-from agent.policy import PolicySettings
-from agent.portfolio import Portfolio
-from agent.profiles import load_profile
-from agent.service import Agent
 from conftest import SMALL_PORTFOLIO_VARIANTS
 from mqtt_broker import (Broker, free_port, make_certificates, mosquitto_available, plain_config, secure_config,
                          write_password_file)
@@ -40,15 +36,6 @@ pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="needs mosquit
 
 
 # ------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def agent(small_portfolio, tmp_path_factory):
-    agent = Agent(Portfolio.open(small_portfolio), load_profile("x86"), PolicySettings(latency_slo_ms=1000),
-                  backend="onnxruntime", threads=1, bench_runs=3, state_dir=tmp_path_factory.mktemp("agent-state"))
-    agent.start()
-    yield agent
-    agent.close()
 
 
 @pytest.fixture

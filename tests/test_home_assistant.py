@@ -15,10 +15,6 @@ import pytest
 from agent.config import MqttConfig
 from agent.fleet.home_assistant import STATE_FILE
 from agent.fleet.link import FleetLink
-from agent.policy import PolicySettings
-from agent.portfolio import Portfolio
-from agent.profiles import load_profile
-from agent.service import Agent
 from conftest import SMALL_PORTFOLIO_VARIANTS
 from mqtt_broker import mosquitto_available
 
@@ -89,15 +85,6 @@ class HomeAssistantClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture(scope="module")
-def agent(small_portfolio, tmp_path_factory):
-    agent = Agent(Portfolio.open(small_portfolio), load_profile("x86"), PolicySettings(latency_slo_ms=1000),
-                  backend="onnxruntime", threads=1, bench_runs=3, state_dir=tmp_path_factory.mktemp("agent-state"))
-    agent.start()
-    yield agent
-    agent.close()
 
 
 def start_link(agent, broker, state_dir, device_id: str, enabled: bool) -> FleetLink:

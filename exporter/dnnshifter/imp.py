@@ -124,7 +124,7 @@ class _LevelStore:
 
     def training(self, level: int) -> tuple[RunDir, str] | None:
         """Where the level's training in progress is kept, for `train(resume=...)`."""
-        return None if self.run_dir is None else (self.run_dir, f"{_name(level)}-training")
+        return None if self.run_dir is None else self.run_dir.in_progress(_name(level))
 
     def load(self, level: int) -> Level | None:
         saved = self.run_dir.load(_name(level)) if self.run_dir is not None else None
@@ -143,8 +143,7 @@ class _LevelStore:
                        "accuracy": result.accuracy, "train_seconds": result.train_seconds}
             if level == 0:
                 payload["rewind"] = self._rewind
-            self.run_dir.save(_name(level), payload)
-            self.run_dir.discard(f"{_name(level)}-training")
+            self.run_dir.finish(_name(level), payload)
         return result
 
     def rewind_state(self) -> dict:

@@ -39,8 +39,8 @@ def dead_root_indices(dg: tp.DependencyGraph, group, zero: dict, whole_groups_of
             return []
         if dg.is_in_channel_pruning_fn(handler) and _plain_reader(module):
             position, member = torch.tensor(item.root_idxs), torch.tensor(item.idxs)
-            used = block_nonzero(module).any(dim=0)[member]
-            ignored[position] &= ~used | _input_zero(node, zero, block_nonzero(module).shape[1])[member]
+            reads = block_nonzero(module)
+            ignored[position] &= ~reads.any(dim=0)[member] | _input_zero(node, zero, reads.shape[1])[member]
             has_reader = True
         elif dg.is_in_channel_pruning_fn(handler) and not _passes_channels_through(module):
             return []

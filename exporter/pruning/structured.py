@@ -63,15 +63,15 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, k
     The removal works in place and `result.model is model`, unless the check fails: then `model`
     may be left half-changed and `result.model` is a copy rebuilt group by group (see `fallback`
     and `kept`). `keep_outputs_of` (the classifier) keeps its outputs. Raises `Untraceable` when
-    torch-pruning cannot trace the model. `dg`, the model's traced
-    graph when the caller has it already, is used and changed, and the caller checks the result
-    (Reconvene changes the model's weights around the step). `seconds` is the whole step.
+    torch-pruning cannot trace the model. `dg`, the model's traced graph when the caller has it
+    already, is used and changed, and the caller checks the result (Reconvene changes the model's
+    weights around the step). `seconds` is the whole step.
     """
     started = time.perf_counter()
     model.eval()
     ignored = [keep_outputs_of] if keep_outputs_of is not None else []
     if dg is not None:
-        removed = _remove_in_place(model, example_input, ignored, dg)
+        removed = _remove_in_place(ignored, dg)
         return StructuredResult(model=model, removed=removed, seconds=time.perf_counter() - started)
 
     names = {module: name for name, module in model.named_modules()}
@@ -81,10 +81,10 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, k
     expected = _outputs(original, probe)
     try:
         dg = trace(model, example_input)
-    except Exception as error:  # the tracer fails on what it cannot follow (data-dependent control flow, ...)
+    except Exception as error:  # the tracer runs forward under autograd: a forward that leaves torch fails
         raise Untraceable(_one_line(error)) from None
     try:
-        removed = _remove_in_place(model, example_input, ignored, dg)
+        removed = _remove_in_place(ignored, dg)
         problem = _mismatch(model, probe, expected)
     except Exception as error:  # an op the analysis does not model can break the rebuilt layers any way
         problem = _one_line(error)
@@ -95,10 +95,7 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor | None, k
                             fallback=problem)
 
 
-def _remove_in_place(model: nn.Module, example_input: torch.Tensor | None, ignored: list[nn.Module],
-                     dg: tp.DependencyGraph | None) -> dict[str, int]:
-    if dg is None:
-        dg = trace(model, example_input)
+def _remove_in_place(ignored: list[nn.Module], dg: tp.DependencyGraph) -> dict[str, int]:
     # Liveness masks index channels as they are before any removal, so every group is judged on
     # them first; removing one group's channels leaves the other groups' root indices as they were.
     zero = zero_node_channels(dg)
@@ -107,7 +104,7 @@ def _remove_in_place(model: nn.Module, example_input: torch.Tensor | None, ignor
     conv_groups = dead_conv_groups(dg, zero, ignored)
     removed: dict[str, int] = {}
     for conv, whole in conv_groups.items():
-        removed[dg._module2name.get(conv, type(conv).__name__)] = remove_conv_groups(dg, conv, whole)
+        removed[_name_of(dg, conv)] = remove_conv_groups(dg, conv, whole)
 
     for first_pass in (True, False, False):  # later passes catch channels whose readers were removed
         progress = False
@@ -167,12 +164,12 @@ def _remove_group(model: nn.Module, example_input: torch.Tensor, keep_name: str 
 
 def _prune_dead(dg: tp.DependencyGraph, group, dead: list[int]) -> int:
     """Prune the group's channels at root indices `dead`; how many went."""
+    norms = {item.dep.target.module for item in group.items if isinstance(item.dep.target.module, nn.GroupNorm)}
     if len(dead) == len(group[0].idxs):
-        if any(isinstance(item.dep.target.module, nn.GroupNorm) for item in group.items):
+        if norms:
             return 0  # a group norm would have to keep a whole group: rare enough to keep them all
         dead = dead[1:]  # a layer needs one channel; the kept one is dead, so outputs stay exact
     if dead:
-        norms = {item.dep.target.module for item in group.items if isinstance(item.dep.target.module, nn.GroupNorm)}
         per_group = {norm: norm.num_channels // norm.num_groups for norm in norms}
         dg.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead).prune()
         for norm, channels in per_group.items():  # torch-pruning shrinks a group norm's channels, not its groups
@@ -189,8 +186,11 @@ def _kept_outputs(model: nn.Module, keep_name: str | None) -> list[nn.Module]:
 
 
 def _root_name(dg: tp.DependencyGraph, group) -> str:
-    root = group[0].dep.target.module
-    return dg._module2name.get(root, type(root).__name__)
+    return _name_of(dg, group[0].dep.target.module)
+
+
+def _name_of(dg: tp.DependencyGraph, module: nn.Module) -> str:
+    return dg._module2name.get(module, type(module).__name__)
 
 
 def _probe_inputs(example_input: torch.Tensor) -> torch.Tensor:

@@ -84,12 +84,11 @@ def _trained(model: nn.Module, masks: Masks | None, context: Context, variant_id
         accuracy = kept["accuracy"]
         context.log(f"{variant_id}: accuracy {accuracy:.4f}, reused from {run_dir.path}")
     else:
-        resume = (run_dir, f"{variant_id}-training") if run_dir is not None else None
+        resume = run_dir.in_progress(variant_id) if run_dir is not None else None
         accuracy = train(model, data, context.train, masks=masks, description=variant_id, progress=context.progress,
                          resume=resume).accuracy
         if run_dir is not None:
-            run_dir.save(variant_id, {"model": model.state_dict(), "accuracy": accuracy})
-            run_dir.discard(resume[1])
+            run_dir.finish(variant_id, {"model": model.state_dict(), "accuracy": accuracy})
         context.log(f"{variant_id}: accuracy {accuracy:.4f} after {context.train.epochs} epochs "
                     f"({time.perf_counter() - started:.0f} s)")
     model.eval()
