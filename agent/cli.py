@@ -104,7 +104,9 @@ def _placed_runtime(args, profile: DeviceProfile, portfolio: Portfolio, variants
 
 
 def _generate(args) -> int:
-    """Greedy generation on one variant (the default one unless --variant), health-checked first."""
+    """Generation on one variant (the default one unless --variant), health-checked first; greedy unless
+    --temperature is above 0."""
+    from agent.sampling import Sampler
     from agent.tokenizer import optional_codec, prompt_ids
 
     portfolio = Portfolio.open(args.dir)
@@ -115,15 +117,17 @@ def _generate(args) -> int:
     variant = portfolio.manifest.variant(args.variant or portfolio.manifest.default_variant)
     codec = optional_codec(portfolio.tokenizer_path)
     ids = prompt_ids(args.prompt if args.ids is None else args.ids, portfolio.tokenizer_path, codec)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     runtime, placement = _placed_runtime(args, load_profile(args.device), portfolio, [variant])
     if variant.id in placement.unhealthy:
         raise PortfolioError(f"variant '{variant.id}' failed its health check: {placement.unhealthy[variant.id]}")
     runtime.start(variant.id)
     try:
-        result = generate(runtime, ids, args.max_tokens, language_model.eos_token_id, language_model.context_length)
+        result = generate(runtime, ids, args.max_tokens, language_model.eos_token_id, language_model.context_length,
+                          sampler=sampler, stop=args.stop or (), decode=codec.decode if codec else None)
     finally:
         runtime.close()
-    print(codec.decode(result.new_ids) if codec else " ".join(str(token) for token in result.new_ids))
+    print(result.text if result.text is not None else " ".join(str(token) for token in result.new_ids))
     print(f"{result.variant}: {len(result.new_ids)} tokens in {result.seconds:.2f} s "
           f"({result.tokens_per_s:.1f} tokens/s), stopped at {result.stop_reason}", file=sys.stderr)
     return 0
@@ -177,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--state-dir", type=Path, help="store the results where the agent reads them")
     bench.set_defaults(run=_bench)
 
-    gen = commands.add_parser("generate", help="greedy text generation with a causal-lm portfolio")
+    gen = commands.add_parser("generate", help="text generation with a causal-lm portfolio (greedy by default)")
     device_options(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the portfolio's tokenizer and the tokenizers package)")
@@ -185,6 +189,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                      help=f"stop after this many new tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     gen.add_argument("--variant", help="variant to generate with (default: the portfolio's default variant)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="sample among the most likely tokens holding this much probability (default 1: all)")
+    gen.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="stop when the text contains TEXT (left out of the output); repeatable")
     gen.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="replay samples, apply CPU stress, watch the agent switch")

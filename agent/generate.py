@@ -1,8 +1,13 @@
-"""Greedy text generation on a causal-lm portfolio, one variant for the whole generation.
+"""Text generation on a causal-lm portfolio, one variant for the whole generation.
 
-No KV cache: every step feeds the whole sequence (its last `context_length` tokens) and takes
-the most likely next token at the last position. Each step is an inference of its own, so it
-counts toward the variant's latency window and the policy sees the load of language models too.
+A variant file with a key-value cache (manifest `kv_cache`) reads the prompt once (the prefill)
+and then one token per step, fed the cache the step before returned, so a step costs the same at
+any length. A file without one (portfolios exported before the cache) is fed the whole sequence
+at every step. The model never sees more than `context_length` tokens: a prompt longer than that
+is refused, and generation stops with stop_reason "length" when the sequence fills the context
+(llama.cpp's server default since it disabled context shift, ggml-org/llama.cpp#15416). Each step
+is an inference of its own, so it counts toward the variant's latency window and the policy sees
+the load of language models too.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.runtime import InferenceError, Runtime, vocab_size
+from agent.kv_cache import empty_cache
+from agent.runtime import HeldVariant, InferenceError, Runtime, vocab_size
+from agent.sampling import Sampler, StopStrings
 
 MAX_NEW_TOKENS = 4096
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -23,17 +30,22 @@ class Generation:
     ids: list[int]          # the prompt's tokens, then the new ones
     new_ids: list[int]      # the generated tokens (ending with eos when stop_reason is "eos")
     variant: str            # the one variant that answered every step
-    stop_reason: str        # "eos" or "max_tokens"
+    stop_reason: str        # "eos", "stop" (a stop string appeared), "max_tokens" or "length" (the context is full)
     seconds: float
     tokens_per_s: float
     text: str | None = None  # the new tokens as text, when the portfolio ships a tokenizer
 
 
 def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None,
-             context_length: int, on_step: Callable[[int, int], None] | None = None) -> Generation:
-    """Greedy decoding on the runtime's active variant, held until the end even if a swap happens meanwhile.
+             context_length: int, on_step: Callable[[int, int], None] | None = None, *,
+             sampler: Sampler | None = None, stop: Sequence[str] = (),
+             decode: Callable[[list[int]], str] | None = None) -> Generation:
+    """Decoding on the runtime's active variant, held until the end even if a swap happens meanwhile.
 
-    `on_step(step, token)` is called after each new token (for progress, streaming, or tests).
+    `sampler` chooses each token (None: greedy). `decode` turns new tokens into text (the answer's `text`);
+    generation stops once that text contains one of the `stop` strings, and the text ends before it.
+    `on_step(step, token)` is called after each new token (for progress, streaming, or tests); an exception
+    it raises ends the generation.
     """
     manifest = runtime.manifest
     if manifest.task != "causal-lm":
@@ -41,14 +53,27 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, e
                              "model: use infer")
     ids = _checked_prompt(prompt_ids, vocab_size(manifest.outputs[0]))
     _check_limits(max_new_tokens, context_length)
+    if len(ids) > context_length:
+        raise InferenceError(f"the prompt has {len(ids)} tokens, more than the model's context of {context_length}; "
+                             "shorten it")
+    stops = StopStrings(stop)
+    if stops and decode is None:
+        raise InferenceError("stop strings need the portfolio's tokenizer to read the text; this one takes token ids "
+                             "only")
+    choose = sampler.choose if sampler is not None else (lambda row: int(np.argmax(row)))
     new_ids: list[int] = []
     stop_reason = "max_tokens"
     started = time.perf_counter()
     with runtime.hold() as held:
+        steps = _CachedSteps(held) if held.kv_cache is not None else _WholeSequenceSteps(held)
+        logits = steps.first(ids)
         for step in range(max_new_tokens):
-            window = np.asarray([ids[-context_length:]], dtype=np.int64)
-            logits = held.infer(window).outputs[0]
-            token = int(np.argmax(logits[0, -1]))
+            if step > 0:
+                if len(ids) > context_length:  # the last token has no place left in the context
+                    stop_reason = "length"
+                    break
+                logits = steps.next(ids)
+            token = choose(logits)
             ids.append(token)
             new_ids.append(token)
             if on_step is not None:
@@ -56,8 +81,43 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, e
             if token == eos_token_id:
                 stop_reason = "eos"
                 break
+            if stops and stops.find(decode(new_ids)) is not None:
+                stop_reason = "stop"
+                break
     seconds = time.perf_counter() - started
-    return Generation(ids, new_ids, held.variant, stop_reason, seconds, len(new_ids) / max(seconds, 1e-9))
+    text = None if decode is None else stops.cut(decode(new_ids))
+    return Generation(ids, new_ids, held.variant, stop_reason, seconds, len(new_ids) / max(seconds, 1e-9), text)
+
+
+class _CachedSteps:
+    """The prompt once, then one token per step after the cache the step before returned."""
+
+    def __init__(self, held: HeldVariant):
+        self.held = held
+        self.past = empty_cache(1, held.kv_cache)
+
+    def first(self, ids: list[int]) -> np.ndarray:
+        return self._run(ids)
+
+    def next(self, ids: list[int]) -> np.ndarray:
+        return self._run(ids[-1:])
+
+    def _run(self, new_ids: list[int]) -> np.ndarray:
+        outputs = self.held.infer_cached(np.asarray([new_ids], dtype=np.int64), self.past).outputs
+        self.past = outputs[1:]
+        return outputs[0][0, -1]
+
+
+class _WholeSequenceSteps:
+    """A file without cache: every step scores the whole sequence again."""
+
+    def __init__(self, held: HeldVariant):
+        self.held = held
+
+    def first(self, ids: list[int]) -> np.ndarray:
+        return self.held.infer(np.asarray([ids], dtype=np.int64)).outputs[0][0, -1]
+
+    next = first
 
 
 def _checked_prompt(prompt_ids: Sequence[int], vocab: int | None) -> list[int]:

@@ -32,8 +32,9 @@ METHODS = frozenset(
         "structured",
     }
 )
-# A transform of a variant (int8 quantization) appends "+<transform>" to its method: "imp-structured+int8".
-TRANSFORMS = frozenset({"int8"})
+# A transform of a variant appends "+<transform>" to its method: "imp-structured+int8" (static int8 of a
+# classifier), "mosaic-composite+int4" (weight-only, block-wise int4 or int8 of a causal LM).
+TRANSFORMS = frozenset({"int8", "int4"})
 TASKS = frozenset({"classification", "causal-lm"})
 FORMATS = ("onnx", "tflite")
 LAYOUTS = ("NCHW", "NHWC")
@@ -75,6 +76,17 @@ class ModelFile:
     bytes: int
     max_abs_diff: float  # largest |output - reference output| measured at export
     input_shape: list[int] | None = None  # the file's fixed input shape, when it has one
+    kv_cache: KvCache | None = None  # a causal-lm file that takes and returns its attention cache
+
+
+@dataclass
+class KvCache:
+    """A causal-lm file with a key-value cache, in onnxruntime-genai's names: inputs input_ids,
+    attention_mask [batch, past + sequence] and past_key_values.{i}.key/.value; outputs logits (new
+    positions only) and present.{i}.key/.value. Layer i's cache is [batch, kv_heads, positions, head_dim]
+    float32, from `layers[i]` = [kv_heads, head_dim]: layers of a shrunk model differ."""
+
+    layers: list[list[int]]
 
 
 @dataclass
@@ -108,7 +120,8 @@ class LanguageModel:
     tokenizer: TokenizerFile | None  # None: the portfolio takes token ids only
     bos_token_id: int | None
     eos_token_id: int | None  # greedy generation stops after emitting it
-    context_length: int  # the longest input_ids the variants are fed; generation keeps the last ones
+    context_length: int  # the most tokens the variants are fed; a generation that fills it stops ("length")
+    chat_template: str | None = None  # the tokenizer's Jinja chat template; None: no chat endpoint
 
 
 @dataclass
@@ -377,6 +390,7 @@ def _model_file(node: _Fields) -> ModelFile:
         bytes=node.integer("bytes"),
         max_abs_diff=node.number("max_abs_diff"),
         input_shape=node.integers("input_shape", optional=True),
+        kv_cache=_kv_cache(node.child("kv_cache", optional=True)),
     )
     if not _SHA256_HEX.fullmatch(entry.sha256):
         raise node.error("sha256", "must be 64 lowercase hex digits")
@@ -385,6 +399,16 @@ def _model_file(node: _Fields) -> ModelFile:
     if entry.max_abs_diff < 0:
         raise node.error("max_abs_diff", f"must not be negative, got {entry.max_abs_diff}")
     return entry
+
+
+def _kv_cache(node: _Fields | None) -> KvCache | None:
+    if node is None:
+        return None
+    layers = node.sequence("layers")
+    if not layers or not all(isinstance(layer, list) and len(layer) == 2 and all(_is_int(size) and size > 0
+                                                                              for size in layer) for layer in layers):
+        raise node.error("layers", "must be a non-empty list of [kv_heads, head_dim] pairs of positive integers")
+    return KvCache(layers=[list(layer) for layer in layers])
 
 
 def _tokenizer_file(node: _Fields) -> TokenizerFile:
@@ -414,6 +438,7 @@ def _language_model(node: _Fields) -> LanguageModel:
         bos_token_id=node.nullable_integer("bos_token_id"),
         eos_token_id=node.nullable_integer("eos_token_id"),
         context_length=node.integer("context_length"),
+        chat_template=node.text("chat_template", optional=True),
     )
     for key in ("bos_token_id", "eos_token_id"):
         token_id = getattr(language_model, key)
@@ -484,6 +509,8 @@ def _check_manifest(manifest: Manifest, source: str) -> None:
             reason = relpath_problem(entry.path)
             if reason:
                 raise fail(f"variant '{variant.id}' {fmt} path '{entry.path}' {reason}")
+            if entry.kv_cache is not None and manifest.task != "causal-lm":
+                raise fail(f"{where}.files.{fmt}.kv_cache is for causal-lm portfolios, not {manifest.task}")
     _check_language_model(manifest, fail)
     if manifest.evaluation is not None:
         reason = relpath_problem(manifest.evaluation.path)

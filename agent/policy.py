@@ -4,7 +4,8 @@ A variant fits when its expected p95 latency meets the SLO (tightened when the b
 throttling), its memory fits the budget and what the system has free. Expected latency is the
 on-device benchmark scaled by how much slower the active variant runs now than on that bench,
 so CPU contention and throttling move every estimate alike. A violation steps down at once; a
-step up waits for the cooldown and needs headroom. A pin overrides everything.
+step up waits for the cooldown and needs headroom, and a step up that pressure undoes within a
+cooldown doubles the next wait (up to 8x), so a policy does not flap on estimates that proved wrong. A pin overrides everything.
 
 Bench latencies are noisy: on a shared device the p95 tail orders variants of the same cost at
 random. So a variant's cost is its bench median, and one variant is cheaper than another only
@@ -14,12 +15,18 @@ variant's live p95 compares to its own median. A step down goes only to a really
 when nothing is expected to fit, to the cheapest (the most accurate of those that cost the
 least), never to another variant that costs the same as the active one.
 
+Accuracy is measured too, on a finite test set: two variants whose accuracies differ by less than
+their sampling error (`quality_z` standard errors of the difference) are equally accurate, and
+the cheaper one serves. Without that rule a variant half a point "better" on 450 test images
+serves at rest at several times the cost, and its tail costs more answers than its accuracy wins.
+
 Latency alone misses a queue: at a steady request rate, a variant busy serving most of the time
 answers each request on time while the requests behind it wait. So a variant busy more than
 `max_busy` of the time also steps down, to one whose median cost keeps the device below it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from agent.backends.providers import short_name
@@ -27,6 +34,7 @@ from agent.stats import LatencySummary
 
 # Thermal states (agent.monitor.thermal_state) and how much they tighten the SLO.
 _SLO_FACTOR = {"unknown": 1.0, "ok": 1.0, "warm": 0.75, "throttle": 0.5}
+MAX_BACKOFF_DOUBLINGS = 3  # a failed step up waits at most 8 cooldowns before the next try
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Candidate:
     memory_mb: float                # estimated resident size
     bench_p50_ms: float | None = None  # the cost to compare: medians shrug off the noise tails carry
     provider: str | None = None     # the execution provider it runs on: its cost holds there only
+    quality_error: float = 0.0      # standard error of quality (accuracy on n test samples); 0: exact
 
     @property
     def named(self) -> str:
@@ -57,6 +66,7 @@ class PolicySettings:
     min_samples: int = 20           # live requests before live latency counts as evidence
     noise_margin: float = 0.2       # bench medians closer than this share cost the same
     max_busy: float = 0.8           # share of time the active variant may spend serving: beyond, a steady stream queues
+    quality_z: float = 1.0          # qualities closer than this many standard errors of their difference are equal
     pin: str | None = None
 
 
@@ -88,6 +98,8 @@ class Policy:
         self._by_id = {c.id: c for c in self.candidates}
         self.settings = settings
         self._last_switch = float("-inf")
+        self._last_step_up = float("-inf")
+        self._failed_step_ups = 0       # step ups undone by a step down within a cooldown, in a row
         if settings.pin is not None:
             self._known(settings.pin)
 
@@ -144,14 +156,22 @@ class Policy:
                 else:
                     measured = f"expected p95 {expected[active.id]:.1f} ms > {slo_text}"
                 fits = "" if expected.get(down.id, float("inf")) <= slo else ", the cheapest; nothing fits"
+                self._failed_step_ups = self._failed_step_ups + 1 if obs.now - self._last_step_up <= s.cooldown_s else 0
                 return self._to(obs, down.id, "step-down", f"{measured}: {down.named} expected at "
                                                            f"{expected.get(down.id, float('nan')):.1f} ms{fits}")
-        if target.quality > active.quality and target.id in expected:
+        if target is not active and self._as_good(active, target) and self._cheaper(target, active) and not pressed:
+            return self._to(obs, target.id, "step-down", f"{target.named} is as accurate within noise "
+                                                         f"({_quality_text(target)} vs {_quality_text(active)}) "
+                                                         f"and cheaper")
+        if not self._as_good(active, target) and target.id in expected:
             waited = obs.now - self._last_switch
             room = busy.get(target.id) is None or busy[target.id] <= s.headroom * s.max_busy
-            if waited >= s.cooldown_s and expected[target.id] <= s.headroom * slo and room:
+            if waited >= self._step_up_wait() and expected[target.id] <= s.headroom * slo and room:
+                self._last_step_up = obs.now
+                backoff = f" (after {self._step_up_wait():.0f} s: recent step ups failed)" if self._failed_step_ups else ""
                 return self._to(obs, target.id, "step-up", f"headroom: {target.named} expected at "
-                                                           f"{expected[target.id]:.1f} ms <= {s.headroom:.0%} of {slo_text}")
+                                                           f"{expected[target.id]:.1f} ms <= {s.headroom:.0%} of "
+                                                           f"{slo_text}{backoff}")
         live = f"p95 {obs.live.p95:.1f} ms" if obs.live.p95 is not None else "no traffic"
         if pressed:
             return Decision(active.id, f"holding {active.id}: {live}, {slo_text}, and no variant is cheaper beyond "
@@ -160,9 +180,13 @@ class Policy:
 
     def _best_fitting(self, candidates: list[Candidate], expected: dict[str, float], slo: float,
                       busy: dict[str, float]) -> Candidate | None:
-        """The most accurate of these expected to meet the SLO and keep up (candidates are most accurate first)."""
-        return next((c for c in candidates if c.id in expected and expected[c.id] <= slo
-                     and busy.get(c.id, 0.0) <= self.settings.max_busy), None)
+        """The cheapest of the most accurate (within noise) of these expected to meet the SLO and keep up
+        (candidates are most accurate first)."""
+        fitting = [c for c in candidates if c.id in expected and expected[c.id] <= slo
+                   and busy.get(c.id, 0.0) <= self.settings.max_busy]
+        if not fitting:
+            return None
+        return self._cheapest([c for c in fitting if self._as_good(c, fitting[0])])
 
     def _expected_p95(self, obs: Observation, active: Candidate | None, candidates: list[Candidate]
                       ) -> dict[str, float]:
@@ -184,6 +208,17 @@ class Policy:
     def _cheapest(self, candidates: list[Candidate]) -> Candidate | None:
         """The most accurate of the variants nothing else is really cheaper than."""
         return next((c for c in candidates if not any(self._cheaper(other, c) for other in candidates)), None)
+
+    def _step_up_wait(self) -> float:
+        """The cooldown, doubled for each step up in a row that pressure undid at once: expected latencies
+        scale a cheap variant's slowdown to a costlier one, which contention often hurts more (longer
+        requests are preempted more), so a step up the estimate allows may not hold."""
+        return self.settings.cooldown_s * 2 ** min(self._failed_step_ups, MAX_BACKOFF_DOUBLINGS)
+
+    def _as_good(self, a: Candidate, b: Candidate) -> bool:
+        """Whether a is at least as accurate as b within the sampling error of both measurements."""
+        margin = self.settings.quality_z * math.hypot(a.quality_error, b.quality_error)
+        return a.quality >= b.quality - margin
 
     def _cheaper(self, a: Candidate, b: Candidate) -> bool:
         """Whether a costs less than b beyond noise: its median is lower by more than the margin."""
@@ -208,6 +243,12 @@ class Policy:
 
 def _latency_key(c: Candidate) -> float:
     return c.cost_ms if c.cost_ms is not None else float("inf")
+
+
+def _quality_text(c: Candidate) -> str:
+    if c.quality_error:
+        return f"{c.quality:.3f} ± {c.quality_error:.3f}"
+    return f"{c.quality:.3f}"
 
 
 def _temp(obs: Observation) -> str:

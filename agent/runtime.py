@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.backends import Backend, BackendError, Session
+from agent.kv_cache import CachedLmSession, cache_inputs
+from agent.manifest import KvCache
 from agent.portfolio import Portfolio, TensorSpec, Variant
 from agent.stats import LatencyWindow
 
@@ -87,6 +89,22 @@ class HeldVariant:
     def infer(self, inputs: np.ndarray | list[np.ndarray]) -> InferResult:
         return self._runtime._run(self._resident, self._runtime.validate(inputs))
 
+    @property
+    def kv_cache(self) -> KvCache | None:
+        """The variant file's key-value cache, None when it scores whole sequences only."""
+        return self._runtime.kv_cache(self.variant)
+
+    def infer_cached(self, ids: np.ndarray, past: list[np.ndarray]) -> InferResult:
+        """Tokens `ids` [batch, n] after the cached `past` (the presents of the call before, or an empty
+        cache): outputs are the new positions' logits, then every layer's present key and value."""
+        runtime = self._runtime
+        context = runtime.manifest.language_model.context_length
+        if past[0].shape[2] + ids.shape[1] > context:
+            raise InferenceError(f"{past[0].shape[2]} cached and {ids.shape[1]} new tokens are more than the model's "
+                                 f"context of {context}")
+        _check_token_ids(ids, "input_ids", vocab_size(runtime.manifest.outputs[0]), context)
+        return runtime._run(self._resident, cache_inputs(ids, past))
+
 
 class Runtime:
     """Serve a portfolio's healthy variants through one backend, each on its provider (agent.placement)."""
@@ -119,10 +137,16 @@ class Runtime:
         fmt = self.backend.file_format
         if fmt not in variant.files:
             raise BackendError(f"variant {variant_id} has no {fmt} file for the {self.backend.name} backend")
-        return self.backend.open(self.portfolio.file_path(variant_id, fmt), variant_id, threads=self.threads,
-                                 manifest_layout=self.manifest.inputs[0].layout,
-                                 file_input_shape=variant.files[fmt].input_shape,
-                                 provider=provider or self.providers.get(variant_id))
+        session = self.backend.open(self.portfolio.file_path(variant_id, fmt), variant_id, threads=self.threads,
+                                    manifest_layout=self.manifest.inputs[0].layout,
+                                    file_input_shape=variant.files[fmt].input_shape,
+                                    provider=provider or self.providers.get(variant_id))
+        cache = variant.files[fmt].kv_cache
+        return session if cache is None else CachedLmSession(session, cache)
+
+    def kv_cache(self, variant_id: str) -> KvCache | None:
+        entry = self.manifest.variant(variant_id).files.get(self.backend.file_format)
+        return None if entry is None else entry.kv_cache
 
     def start(self, variant_id: str) -> None:
         """Load the first active variant (and, per preload, the others)."""

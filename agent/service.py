@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from agent.placement import place_variants
 from agent.portfolio import Portfolio, PortfolioError
 from agent.profiles import DeviceProfile, serving_threads
 from agent.runtime import InferenceError, InferResult, Runtime, memory_estimate_mb
+from agent.sampling import Sampler
 from agent.stats import LatencySummary
 from agent.tokenizer import TextCodec, optional_codec, prompt_ids
 
@@ -134,7 +136,8 @@ class Agent:
         bench = self._measure(portfolio, placement.providers, canary)
         candidates = [Candidate(vid, _quality(portfolio.manifest.variant(vid).metrics), bench[vid].p95,
                                 memory_estimate_mb(portfolio.manifest.variant(vid), self.backend.file_format),
-                                bench_p50_ms=bench[vid].p50, provider=placement.providers[vid])
+                                bench_p50_ms=bench[vid].p50, provider=placement.providers[vid],
+                                quality_error=_quality_error(portfolio.manifest.variant(vid).metrics))
                       for vid in healthy]
         settings = self.policy.settings if self.policy is not None else self.policy_settings
         if settings.pin is not None and settings.pin not in healthy:
@@ -191,10 +194,12 @@ class Agent:
         return result
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 on_step: Callable[[int, int], None] | None = None) -> Generation:
-        """Greedy generation on a causal-lm portfolio, answered by one variant from start to end.
+                 on_step: Callable[[int, int], None] | None = None, *, sampler: Sampler | None = None,
+                 stop: Sequence[str] = ()) -> Generation:
+        """Generation on a causal-lm portfolio, answered by one variant from start to end.
 
-        A text prompt needs the portfolio's tokenizer; the answer then carries the new text too.
+        Greedy unless a `sampler` is given. A text prompt and `stop` strings need the portfolio's tokenizer;
+        the answer then carries the new text too.
         """
         runtime = self._runtime()  # read once: a deploy meanwhile does not change this generation's portfolio
         portfolio, codec = runtime.portfolio, self.codec
@@ -209,9 +214,8 @@ class Agent:
             if on_step is not None:
                 on_step(step, token)
 
-        result = generate(runtime, ids, max_new_tokens, language_model.eos_token_id, language_model.context_length,
-                          on_step=step_done)
-        return result if codec is None else replace(result, text=codec.decode(result.new_ids))
+        return generate(runtime, ids, max_new_tokens, language_model.eos_token_id, language_model.context_length,
+                        on_step=step_done, sampler=sampler, stop=stop, decode=None if codec is None else codec.decode)
 
     @property
     def active(self) -> str:
@@ -318,6 +322,16 @@ class Agent:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps({"portfolio": self.portfolio.digest, "active": self.active}))
         os.replace(partial, path)
+
+
+def _quality_error(metrics: dict) -> float:
+    """The standard error of an accuracy measured on n test samples (0 when unknown: compared exactly).
+    Laplace-smoothed, so a perfect score on a small set still carries its uncertainty."""
+    accuracy, n = metrics.get("accuracy"), metrics.get("n")
+    if not isinstance(accuracy, (int, float)) or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return 0.0
+    p = (accuracy * n + 1) / (n + 2)
+    return math.sqrt(p * (1 - p) / n)
 
 
 def _quality(metrics: dict) -> float:

@@ -22,8 +22,13 @@ class TextCodec:
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text).ids)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens=False for text that already holds them, such as a rendered chat template."""
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def token_text(self, token_id: int | None) -> str | None:
+        """A token's text as the vocabulary spells it ("</s>"), or None."""
+        return None if token_id is None else self._tokenizer.id_to_token(token_id)
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)

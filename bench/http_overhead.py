@@ -82,10 +82,11 @@ def interleaved_ms(runners: dict, rounds: int, warmup: int) -> dict[str, list[fl
 
 
 def serve(path: Path, threads: int, connection) -> None:
-    """The child process: an agent and its HTTP front, until the parent says stop."""
+    """The child process: an agent pinned to its first variant and its HTTP front, until the parent says stop."""
     from agent.http_api import InferenceServer
 
     agent = start_agent(path, "all", threads)
+    agent.pin(agent.active)  # one variant answers every request, whatever the load does to its latency
     server = InferenceServer(agent, port=0).start()
     connection.send((server.port, agent.active))
     connection.recv()

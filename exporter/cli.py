@@ -85,6 +85,7 @@ def _portfolio(args) -> int:
 def _mosaic_portfolio(args) -> int:
     from exporter.device import describe_device, resolve_device
     from exporter.mosaic.pipeline import MosaicSpec, build_mosaic_portfolio
+    from exporter.mosaic.recovery import RecoveryConfig
     from exporter.mosaic.unstructured import UnstructuredConfig
     from exporter.models import DEFAULT_MODEL
 
@@ -102,7 +103,9 @@ def _mosaic_portfolio(args) -> int:
         unstructured=UnstructuredConfig(sparsity=sparsities[0], m=args.outlier_m, lam=args.lam, pruner=args.pruner),
         context=args.context, calib_windows=args.calib_windows, eval_windows=args.eval_windows, seed=args.seed,
         checkpoints=args.checkpoints, name=args.name, force=args.force, device=str(device),
-        offload_layers=args.offload_layers)
+        offload_layers=args.offload_layers,
+        recovery=RecoveryConfig(steps=args.recovery_steps, lr=args.recovery_lr, seed=args.seed),
+        weight_bits=args.lm_quantize)
     manifest = build_mosaic_portfolio(spec, log=_log(args))
     print(f"portfolio {manifest.name}: {len(manifest.variants)} variants written to {args.out}")
     print(f"report: {args.out / 'report.md'}")
@@ -210,8 +213,18 @@ _densities = _comma_list(float, "densities", "0.125,0.0625", lambda v: 0 < v <= 
 _sparsities = _comma_list(float, "sparsities", "0.5,0.7", lambda v: 0 <= v < 1, "every sparsity must be in [0, 1)")
 
 
+def _weight_bits(text: str) -> tuple[int, ...]:
+    if text.strip() == "none":
+        return ()
+    names = [name.strip() for name in text.split(",")]
+    if not names or any(name not in ("int4", "int8") for name in names):
+        raise argparse.ArgumentTypeError(f"'{text}': give int4, int8, int4,int8 or none")
+    return tuple(sorted({int(name[3:]) for name in names}))
+
+
 def _parser() -> argparse.ArgumentParser:
     from exporter.mosaic.pipeline import MosaicSpec
+    from exporter.mosaic.recovery import RecoveryConfig
     from exporter.mosaic.unstructured import UnstructuredConfig
     from exporter.models import DEFAULT_MODEL
     from exporter.dnnshifter.imp import ImpConfig
@@ -302,6 +315,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep the model in CPU memory and move one decoder layer at a time to --device "
                              "(a model larger than the GPU's memory)")
     mosaic.add_argument("--checkpoints", type=Path, help="also save each pruned model here (a loadable checkpoint)")
+    mosaic.add_argument("--lm-quantize", type=_weight_bits, default=(4, 8), metavar="int4,int8|none",
+                        help="weight-only quantized twins of every variant (block-wise, onnxruntime MatMulNBits)")
+    mosaic.add_argument("--recovery-steps", type=int, default=RecoveryConfig.steps,
+                        help="fine-tuning steps on the calibration text after composite pruning, masks kept (0: none)")
+    mosaic.add_argument("--recovery-lr", type=float, default=RecoveryConfig.lr, help="recovery learning rate (AdamW)")
     pai.add_argument("--calibration-size", type=int, default=PortfolioSpec.calibration_size,
                      help="images SNIP and GraSP score on")
     portfolio.set_defaults(run=_portfolio)

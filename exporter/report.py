@@ -68,8 +68,9 @@ def base_method(method: str) -> str:
     return method.split("+")[0]
 
 
-def is_int8(variant: Variant) -> bool:
-    return "int8" in variant.method.split("+")[1:]
+def is_quantized(variant: Variant) -> bool:
+    """Quantized: an int8 twin, or an LM's int4 or int8 weight-only twin (drawn alike, hollow)."""
+    return bool({"int8", "int4"} & set(variant.method.split("+")[1:]))
 
 
 def reference_variant(manifest: Manifest) -> Variant | None:
@@ -303,7 +304,7 @@ def _plot_panel(axes, manifest: Manifest, metric: QualityMetric, cost, xlabel: s
     for point in points:
         colour, marker = style[base_method(point.variant.method)]
         alpha = 1.0 if point.on_front else FADED
-        if is_int8(point.variant):
+        if is_quantized(point.variant):
             axes.scatter([point.x], [point.y], marker=marker, s=55, facecolors="none", edgecolors=colour,
                          linewidths=1.6, alpha=alpha, zorder=3)
         else:
@@ -368,9 +369,9 @@ def _legend_handles(manifest: Manifest) -> list[Line2D]:
         Line2D([], [], linestyle="none", marker=marker, color=colour, markersize=7, label=base)
         for base, (colour, marker) in _style(manifest).items()
     ]
-    if any(is_int8(v) for v in manifest.variants):
+    if any(is_quantized(v) for v in manifest.variants):
         handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
-                              markeredgecolor="0.3", markeredgewidth=1.6, label="+int8 (hollow)"))
+                              markeredgecolor="0.3", markeredgewidth=1.6, label="quantized (hollow)"))
     handles.append(Line2D([], [], color="0.25", linewidth=1.4, label="Pareto front"))
     handles.append(Line2D([], [], linestyle="none", marker="o", color="0.3", alpha=FADED, markersize=7,
                           label="off the front (faded)"))
@@ -435,13 +436,13 @@ def write_report(root: Path, manifest: Manifest) -> None:
 
 Each row is one variant of the same model (the default one in bold); `parent` is the variant
 it was pruned or quantized from and `density` the share of weights left. A method ending in
-`+int8` is an int8-quantized copy of its parent. `{metric.key}` is measured on the dataset above
+`+int8` (`+int4`) is an int8 (int4) quantized copy of its parent. `{metric.key}` is measured on the dataset above
 ({direction} is better). `max |diff|` is the largest difference between the exported file's
 outputs and the PyTorch model's, a check that export kept the numbers. Host latencies are
 measured on the machine that exported, so compare them with each other, not with a device.
 `vs dense` is `{reference_id}`'s host p50 divided by the variant's: 3.00x answers three times
 faster, below 1.00x slower.
-In the plot, colour and marker shape give the base method and hollow markers the int8 variants.
+In the plot, colour and marker shape give the base method and hollow markers the quantized (int8, int4) variants.
 The solid line joins the Pareto front, the variants worth deploying: no other variant is both
 smaller (or faster) and better. Variants off the front are faded.
 

@@ -63,6 +63,29 @@ def agent(small_portfolio, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """The tiny causal-lm portfolio of tests/lm_portfolio.py (ONNX written with onnx.helper, a word tokenizer)."""
+    from lm_portfolio import build_lm_portfolio
+
+    return build_lm_portfolio(tmp_path_factory.mktemp("lm") / "portfolio")
+
+
+@pytest.fixture(scope="module")
+def lm_agent(lm_dir):
+    """A started agent on the tiny causal-lm portfolio, every variant resident."""
+    from agent.policy import PolicySettings
+    from agent.portfolio import Portfolio
+    from agent.profiles import load_profile
+    from agent.service import Agent
+
+    agent = Agent(Portfolio.open(lm_dir), load_profile("x86"), PolicySettings(latency_slo_ms=1000),
+                  backend="onnxruntime", threads=1, preload="all", bench_runs=3)
+    agent.start()
+    yield agent
+    agent.close()
+
+
+@pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """A mosquitto of the test module's own, on a free loopback port (tests/mqtt_broker.py)."""
     from mqtt_broker import Broker, free_port, plain_config

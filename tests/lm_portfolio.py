@@ -102,7 +102,7 @@ def _variant(root: Path, spec: LmVariant, parent: str | None) -> Variant:
 
 
 def build_lm_portfolio(root: Path, variants: tuple[LmVariant, ...] = VARIANTS, tokenizer: bool = True,
-                       context_length: int = 8) -> Path:
+                       context_length: int = 8, chat_template: str | None = None) -> Path:
     """Write a verified causal-lm portfolio into root; the first variant is the parent of the others."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def build_lm_portfolio(root: Path, variants: tuple[LmVariant, ...] = VARIANTS, t
         default_variant=first,
         language_model=LanguageModel(
             tokenizer=tokenizer_entry(root, "tokenizer.json") if tokenizer else None,
-            bos_token_id=None, eos_token_id=EOS_ID, context_length=context_length,
+            bos_token_id=None, eos_token_id=EOS_ID, context_length=context_length, chat_template=chat_template,
         ),
     ))
     return root

@@ -27,11 +27,6 @@ from lm_portfolio import EOS_ID, SAMPLE_IDS, VOCAB, build_lm_portfolio, ids_of, 
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return build_lm_portfolio(tmp_path_factory.mktemp("lm") / "portfolio")
-
-
-@pytest.fixture(scope="module")
 def ids_only_dir(tmp_path_factory):
     return build_lm_portfolio(tmp_path_factory.mktemp("lm-ids") / "portfolio", tokenizer=False)
 
@@ -43,13 +38,6 @@ def started(portfolio_dir, preload: str = "all", slo_ms: float = 1000, backend=N
         agent.backend = backend
     agent.start()
     return agent
-
-
-@pytest.fixture(scope="module")
-def lm_agent(lm_dir):
-    agent = started(lm_dir)
-    yield agent
-    agent.close()
 
 
 # ----------------------------------------------------------------------------- Python API
@@ -76,16 +64,27 @@ def test_text_in_text_out(lm_agent):
     assert lm_agent.generate("seven", max_new_tokens=10).text == "eight nine"  # eos is special: not shown
 
 
-def test_a_sequence_longer_than_the_context_feeds_its_last_tokens(lm_agent):
+def test_generation_stops_when_the_sequence_fills_the_context(lm_agent):
     context = lm_agent.manifest.language_model.context_length
-    prompt = ids_of("one two three four five six seven eight")
-    assert len(prompt) == context
+    prompt = ids_of("one two three four five six")
+    assert len(prompt) == context - 2
 
     result = lm_agent.generate(prompt, max_new_tokens=5)
 
-    assert result.new_ids == ids_of("nine") + [EOS_ID]
+    # The model saw at most `context` tokens: the prompt, "seven" and "eight"; "nine" came out of the last step.
+    assert result.new_ids == ids_of("seven eight nine") and result.stop_reason == "length"
+
+
+def test_a_prompt_longer_than_the_context_is_refused(lm_agent):
+    context = lm_agent.manifest.language_model.context_length
+    prompt = ids_of("one two three four five six seven eight nine")
+    assert len(prompt) == context + 1
+
+    with pytest.raises(InferenceError, match=f"the prompt has 9 tokens, more than the model's context of {context}"):
+        lm_agent.generate(prompt, max_new_tokens=1)
     with pytest.raises(InferenceError, match=f"more than the model's context of {context}"):
-        lm_agent.infer(np.array([prompt + [2]], dtype=np.int64))
+        lm_agent.infer(np.array([prompt], dtype=np.int64))
+    assert lm_agent.generate(prompt[1:], max_new_tokens=2).new_ids == [EOS_ID]  # a full context: one token
 
 
 def test_each_step_counts_as_an_inference_of_the_variant(lm_agent):
@@ -368,9 +367,12 @@ def ids_tensor(data, datatype: str = "INT64") -> dict:
     ("infer", {"inputs": [ids_tensor([2.5, 3])]}, "data must be integers for INT64"),
     ("infer", {"inputs": [ids_tensor([2, 300])]}, r"token ids in [0, 11), got 300"),
     ("generate", {"input_ids": [2, 300]}, "prompt token 1 is 300"),
+    ("generate", {"input_ids": [2] * 9}, "the prompt has 9 tokens, more than the model's context of 8"),
     ("generate", {"input_ids": [2.5]}, "'input_ids' must be a flat list of integer token ids"),
     ("generate", {"text_input": "one", "parameters": {"max_tokens": 0}}, "'max_tokens' must be an integer between 1"),
-    ("generate", {"text_input": "one", "parameters": {"temperature": 0.7}}, "unknown parameter 'temperature'"),
+    ("generate", {"text_input": "one", "parameters": {"min_p": 0.1}}, "unknown parameter 'min_p'"),
+    ("generate", {"text_input": "one", "parameters": {"temperature": "hot"}}, "temperature must be a number"),
+    ("generate", {"text_input": "one", "parameters": {"stop": [""]}}, "stop strings must not be empty"),
     ("generate", {"text_input": "one", "input_ids": [2]}, "exactly one of them"),
     ("generate", {"parameters": {}}, "exactly one of them"),
     ("generate", {"text_input": 7}, "'text_input' must be a string"),

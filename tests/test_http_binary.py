@@ -157,6 +157,46 @@ def test_deep_nesting_is_refused_before_parsing(served):
     assert response.status == 200, reply
 
 
+def nested_body(data_depth: int) -> bytes:
+    """An infer request whose JSON nests data_depth arrays inside its 3 levels (object, inputs, tensor)."""
+    data = "[" * data_depth + "0.5" + "]" * data_depth
+    return ('{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": ' + data + "}]}").encode()
+
+
+@pytest.fixture(params=["json", "orjson"])
+def loads(request, monkeypatch):
+    """The server parses with the standard library's json.loads, or with orjson (the fast-json extra)."""
+    import agent.http_api
+
+    module = pytest.importorskip(request.param)
+    monkeypatch.setattr(agent.http_api, "_json_loads", module.loads)
+    return request.param
+
+
+def test_nesting_at_the_bound_is_parsed_and_one_past_it_refused(served, loads):
+    agent, server = served
+    route = f"/v2/models/{agent.name}/infer"
+    response, reply = raw_post(server, route, nested_body(MAX_JSON_DEPTH - 3), {})
+    assert response.status == 400 and "must have shape" in json.loads(reply)["error"]  # parsed, then refused
+    response, reply = raw_post(server, route, nested_body(MAX_JSON_DEPTH - 2), {})
+    assert response.status == 400 and "nested deeper than 64 levels" in json.loads(reply)["error"]
+
+
+def test_flat_and_nested_data_give_the_same_answer_with_either_parser(served, loads):
+    agent, server = served
+    x = agent.portfolio.samples().inputs[0][:2].astype(np.float32)
+    answers = []
+    for data in (x.ravel().tolist(), x.tolist()):
+        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}],
+                           "parameters": {"binary_data_output": True}}).encode()
+        response, reply = raw_post(server, f"/v2/models/{agent.name}/infer", body, {})
+        assert response.status == 200, reply
+        split = int(response.getheader("Inference-Header-Content-Length"))
+        answers.append(np.frombuffer(reply[split:], "<f4"))
+    assert answers[0].tobytes() == answers[1].tobytes()  # bit for bit
+    np.testing.assert_allclose(answers[0].reshape(2, 10), reference(agent, x), atol=1e-4)
+
+
 def test_a_refused_body_is_not_read_as_the_next_request(served):
     agent, server = served
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)

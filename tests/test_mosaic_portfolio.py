@@ -13,6 +13,7 @@ from agent.portfolio import Portfolio
 from exporter.cli import main as export_main
 
 WORDS = "the cat sat on a mat and dog ran far away from home in rain".split()
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
 
 
 def tiny_checkpoint(directory: Path) -> Path:
@@ -25,7 +26,8 @@ def tiny_checkpoint(directory: Path) -> Path:
     vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>",
+                            chat_template=CHAT_TEMPLATE).save_pretrained(directory)
     return directory
 
 
@@ -45,6 +47,7 @@ def mosaic_portfolio(tmp_path_factory) -> Path:
         "--calib", str(corpus(root / "calib.txt", 600, 1)), "--eval", str(corpus(root / "eval.txt", 300, 2)),
         "--sparsities", "0.5", "--baselines", "--composite-ratio", "0.5", "--context", "16",
         "--calib-windows", "8", "--eval-windows", "4", "--checkpoints", str(root / "checkpoints"), "--quiet",
+        "--lm-quantize", "none",
     ]) == 0
     return out
 
@@ -63,6 +66,7 @@ def test_the_portfolio_holds_every_method_and_validates(mosaic_portfolio):
         assert v.metrics["perplexity"] > 1 and v.metrics["context"] == 16
         assert v.files["onnx"].max_abs_diff <= 1e-3
     assert manifest.language_model.context_length == 16 and manifest.language_model.eos_token_id == 2
+    assert manifest.language_model.chat_template == CHAT_TEMPLATE  # from tokenizer_config.json: /v1/chat needs it
 
 
 def test_the_composite_checkpoint_loads_back_smaller(mosaic_portfolio):

@@ -67,6 +67,35 @@ def test_variants_whose_measured_latencies_overlap_cost_the_same_so_a_violation_
     assert policy.decide(observe(200, "sparse", p95=2.6)).variant == "sparse"
 
 
+# The default digits portfolio as measured: accuracies on 450 test images, their standard errors.
+DIGITS = [
+    Candidate("dense-int8", quality=0.991, bench_p95_ms=2.4, memory_mb=20, bench_p50_ms=2.3, quality_error=0.0047),
+    Candidate("x256-structured", quality=0.989, bench_p95_ms=0.9, memory_mb=3, bench_p50_ms=0.8, quality_error=0.0051),
+    Candidate("x256-int8", quality=0.987, bench_p95_ms=0.6, memory_mb=1, bench_p50_ms=0.5, quality_error=0.0056),
+    Candidate("x4096-int8", quality=0.930, bench_p95_ms=0.3, memory_mb=1, bench_p50_ms=0.2, quality_error=0.0120),
+]
+
+
+def test_accuracies_within_their_sampling_error_are_equal_so_the_cheapest_of_them_serves_at_rest():
+    policy = Policy(DIGITS, PolicySettings(latency_slo_ms=5.0))
+    decision = policy.decide(observe(0, "dense-int8", p95=2.4))
+    assert decision.variant == "x256-int8" and decision.kind == "step-down"
+    assert "as accurate within noise (0.987 ± 0.006 vs 0.991 ± 0.005)" in decision.reason
+    # From there nothing is better beyond noise: it holds, and never steps up to a variant 0.4 points "better".
+    assert policy.decide(observe(100, "x256-int8", p95=0.6)).kind == "hold"
+    # A variant really less accurate is not equal: it serves only when nothing better fits.
+    pressed = policy.decide(observe(200, "x256-int8", p95=6.0))
+    assert pressed.variant == "x4096-int8" and pressed.kind == "step-down"
+    back = policy.decide(observe(300, "x4096-int8", p95=0.3))
+    assert back.variant == "x256-int8" and back.kind == "step-up"
+
+
+def test_exact_qualities_keep_every_point_of_accuracy():
+    exact = [Candidate(c.id, c.quality, c.bench_p95_ms, c.memory_mb, c.bench_p50_ms) for c in DIGITS]
+    policy = Policy(exact, PolicySettings(latency_slo_ms=5.0))
+    assert policy.decide(observe(0, "x256-int8", p95=0.6)).variant == "dense-int8"
+
+
 def test_a_step_down_goes_only_to_a_variant_cheaper_beyond_noise():
     portfolio = [
         Candidate("dense", quality=0.95, bench_p95_ms=4.0, memory_mb=10, bench_p50_ms=3.6),
@@ -143,6 +172,32 @@ def test_oscillating_load_does_not_flap():
     trace = [(t, 40.0 if (t // 2) % 2 == 0 else 14.0, {}) for t in range(0, 60)]
     switches = sum(kind in ("step-down", "step-up") for _, kind in run_trace(policy, trace, "imp-l03-structured"))
     assert switches <= 4
+
+
+def test_a_step_up_that_pressure_undoes_at_once_doubles_the_next_wait():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, cooldown_s=5, headroom=0.7))
+    # Contention that hurts the costlier variant more than its cost says: the cheap one runs at its bench
+    # latency (so the estimate allows a step up), the costlier one at 40 ms (so each step up fails).
+    active, step_ups = "imp-l03-structured", []
+    for now in range(0, 80):
+        decision = policy.decide(observe(now, active, 40.0 if active == "imp-l03-structured" else 8.0))
+        if decision.changed:
+            policy.note_switch(now)
+            active = decision.variant
+            if decision.kind == "step-up":
+                step_ups.append((now, decision.reason))
+    assert [now for now, _ in step_ups] == [5, 16, 37, 78]  # waits of 5, 10, 20, then 40 s (8 cooldowns at most)
+    assert "recent step ups failed" not in step_ups[0][1]
+    assert "(after 40 s: recent step ups failed)" in step_ups[-1][1]
+
+
+def test_a_step_up_that_holds_resets_the_backoff():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, cooldown_s=5, headroom=0.7))
+    trace = [(0, 40.0, {}), (5, 8.0, {}), (6, 40.0, {}),   # down, up, undone at once: the next wait is 10 s
+             (16, 8.0, {}), (60, 16.0, {}),                 # up again, and it holds
+             (61, 40.0, {}), (66, 8.0, {})]                 # a new episode: down, and up after one cooldown
+    seen = run_trace(policy, trace, start="imp-l03-structured")
+    assert [kind for _, kind in seen] == ["step-down", "step-up", "step-down", "step-up", "hold", "step-down", "step-up"]
 
 
 def test_warm_and_throttling_board_tightens_the_slo():

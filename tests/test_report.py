@@ -174,7 +174,7 @@ def test_report_states_the_cost_range_and_the_cheapest_variant_near_dense(tmp_pa
         "Cheapest variant within 2 accuracy points of `dense` (97.0%): `imp-s50-int8` (95.3%), 5.93x faster."
         in report
     )
-    assert "`vs dense`" in report and "hollow markers the int8 variants" in report
+    assert "`vs dense`" in report and "hollow markers the quantized (int8, int4) variants" in report
     assert (tmp_path / "pareto.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -199,7 +199,7 @@ def test_pareto_plot_marks_int8_hollow_and_keeps_labels_apart(tmp_path: Path):
     hollow = [c for c in latency_axes.collections if len(c.get_facecolors()) == 0]
     assert len(hollow) == timed_int8 == 6
     legend = [text.get_text() for text in figure.legends[0].get_texts()]
-    assert "+int8 (hollow)" in legend and "Pareto front" in legend and "imp-structured" in legend
+    assert "quantized (hollow)" in legend and "Pareto front" in legend and "imp-structured" in legend
     assert "imp-structured+int8" not in legend  # colours are per base method
     renderer = figure.canvas.get_renderer()
     for axes in (size_axes, latency_axes):

@@ -1,0 +1,97 @@
+"""Weight-only int4 and int8 twins of an exported causal LM, by onnxruntime's block-wise quantizer.
+
+Every MatMul whose second operand is a constant weight (the seven projections of each decoder
+layer and the output head) becomes a MatMulNBits: symmetric `bits`-bit weights in blocks of
+`block_size` input features, one float scale per block. Activations stay float; with
+accuracy_level 4 onnxruntime computes the products in int8 on CPUs that have int8 dot products
+(x86 VNNI, Arm dotprod), where the speed of 4-bit LMs comes from. Attention's own MatMuls (two
+activations) stay float. The file shrinks by about 8x (int4) or 4x (int8) on the weights; the
+embedding table, gathered rather than multiplied, stays float32. A head tied to the embedding
+exports as MatMul(x, Transpose(embedding)), which the quantizer skips (its weight is not a constant);
+it gets its own transposed copy first, so the head, a fifth of a small LM, is quantized too.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from exporter.quantize.common import QuantizationUnsupported, one_line
+
+BITS = (4, 8)
+BLOCK_SIZE = 32           # the common choice of GGUF's Q4_0/Q8_0 and onnxruntime-genai's int4 builder
+ACCURACY_LEVEL = 4        # int8 compute for the dot products (MatMulNBits' fastest CPU path)
+
+
+@dataclass(frozen=True)
+class WeightOnlyResult:
+    path: Path
+    bits: int
+    block_size: int
+    quantized: int            # MatMuls turned into MatMulNBits
+    kept_float: int           # MatMuls left float (two activations, or a weight the quantizer refused)
+
+
+def quantize_weights(source: Path, target: Path, bits: int, block_size: int = BLOCK_SIZE) -> WeightOnlyResult:
+    """Write `target`: `source` with its constant-weight MatMuls as `bits`-bit MatMulNBits.
+
+    Raises QuantizationUnsupported (keep the float variant) when the quantizer fails or finds no
+    weight to quantize; nothing is left at `target` then.
+    """
+    if bits not in BITS:
+        raise ValueError(f"weight-only bits must be one of {BITS}, got {bits}")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(source))
+    _untie_transposed_weights(model)
+    before = Counter(node.op_type for node in model.graph.node)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL)
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # it logs every node it skips at INFO
+    try:
+        quantizer.process()
+    except Exception as error:  # noqa: BLE001 - any quantizer failure means: no twin, float kept
+        raise QuantizationUnsupported(f"onnxruntime's {bits}-bit weight quantizer failed: {one_line(error)}",
+                                      op="MatMul") from None
+    finally:
+        quiet.setLevel(level)
+    quantized_model = quantizer.model.model
+    after = Counter(node.op_type for node in quantized_model.graph.node)
+    if after["MatMulNBits"] == 0:
+        raise QuantizationUnsupported("no MatMul with a constant weight to quantize", op="MatMul")
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    onnx.save(quantized_model, str(partial))
+    partial.replace(target)
+    return WeightOnlyResult(target, bits, block_size, after["MatMulNBits"], before["MatMul"] - after["MatMulNBits"])
+
+
+def _untie_transposed_weights(model: onnx.ModelProto) -> None:
+    """MatMul(x, Transpose(W)) with W a constant [K, N] -> MatMul(x, W^T) on a copy of its own."""
+    graph = model.graph
+    constants = {item.name: item for item in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        transpose = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in constants:
+            continue
+        perm = [list(attribute.ints) for attribute in transpose.attribute if attribute.name == "perm"]
+        weight = numpy_helper.to_array(constants[transpose.input[0]])
+        if weight.ndim != 2 or perm not in ([], [[1, 0]]):
+            continue
+        name = f"{transpose.input[0]}.transposed"
+        if name not in constants:
+            constants[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            graph.initializer.append(constants[name])
+        node.input[1] = name
+    used = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    unused = [node for node in graph.node if node.op_type == "Transpose" and not set(node.output) & used]
+    for node in unused:
+        graph.node.remove(node)

@@ -1,0 +1,185 @@
+"""Generation with a key-value cache: exported tiny Llamas (one with per-layer head counts) served
+by the agent give, token for token, what greedy decoding over the whole sequence gives in torch."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_mosaic_onnx import composite_llama, torch_logits  # noqa: E402
+from test_mosaic_structure import tiny_llama, token_ids  # noqa: E402
+
+from agent.backends import BackendError  # noqa: E402
+from agent.backends.onnx import OnnxRuntimeBackend  # noqa: E402
+from agent.manifest import KvCache  # noqa: E402
+from agent.policy import PolicySettings  # noqa: E402
+from agent.portfolio import (  # noqa: E402
+    LanguageModel, Manifest, Portfolio, PortfolioError, TensorSpec, Variant, file_entry, save_samples, write_manifest,
+)
+from agent.profiles import load_profile  # noqa: E402
+from agent.runtime import InferenceError, Runtime  # noqa: E402
+from agent.service import Agent  # noqa: E402
+from exporter.mosaic.onnx_export import cache_layers, export_causal_lm_onnx  # noqa: E402
+
+CONTEXT = 40
+PROMPT = token_ids(1, 6, seed=7)[0].tolist()
+
+
+def build_cached_portfolio(root, models: dict) -> None:
+    """A causal-lm portfolio of these models, each exported with its KV cache; ids only, no eos."""
+    samples = token_ids(2, 8)
+    variants = []
+    for variant_id, model in models.items():
+        relpath = f"variants/{variant_id}.onnx"
+        entry = file_entry(root, relpath, export_causal_lm_onnx(model, root / relpath, samples))
+        entry.kv_cache = KvCache(cache_layers(model))
+        params = sum(p.numel() for p in model.parameters())
+        variants.append(Variant(id=variant_id, method="dense" if not variants else "mosaic-composite",
+                                parent=None if not variants else variants[0].id, density=1.0, params=params,
+                                params_nonzero=params, macs=params, metrics={"perplexity": 128.0 + len(variants)},
+                                files={"onnx": entry}))
+    save_samples(root, [samples.numpy()], {vid: torch_logits(model, samples) for vid, model in models.items()})
+    write_manifest(root, Manifest(
+        name="tiny-llama", task="causal-lm", inputs=[TensorSpec("input_ids", "int64", [-1, -1])],
+        outputs=[TensorSpec("logits", "float32", [-1, -1, next(iter(models.values())).config.vocab_size])],
+        variants=variants, default_variant="dense",
+        language_model=LanguageModel(tokenizer=None, bos_token_id=None, eos_token_id=None, context_length=CONTEXT)))
+
+
+def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding that scores the whole sequence at every step, no cache."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(torch_logits(model, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"dense": tiny_llama(layers=2), "composite": composite_llama()}
+
+
+@pytest.fixture(scope="module")
+def cached_dir(tmp_path_factory, models):
+    root = tmp_path_factory.mktemp("cached") / "portfolio"
+    build_cached_portfolio(root, models)
+    return root
+
+
+def started(portfolio_dir, **kwargs) -> Agent:
+    agent = Agent(Portfolio.open(portfolio_dir), load_profile("x86"), PolicySettings(latency_slo_ms=1000),
+                  backend="onnxruntime", threads=1, bench_runs=3, **kwargs)
+    agent.start()
+    return agent
+
+
+@pytest.fixture(scope="module")
+def agent(cached_dir):
+    agent = started(cached_dir)
+    yield agent
+    agent.close()
+
+
+@pytest.mark.parametrize("variant", ["dense", "composite"])
+def test_cached_generation_equals_whole_sequence_greedy_decoding(agent, models, variant):
+    agent.switch(variant, "test")
+    window = agent.runtime.windows[variant]
+    before = window.total
+
+    result = agent.generate(PROMPT, max_new_tokens=24)
+
+    assert result.variant == variant and result.stop_reason == "max_tokens"
+    assert result.new_ids == torch_greedy(models[variant], PROMPT, 24)
+    assert window.total - before == 24  # the prefill and 23 one-token steps, each an inference of the variant
+
+
+def test_generation_stops_with_length_when_the_context_is_full(agent, models):
+    agent.switch("dense", "test")
+    prompt = token_ids(1, CONTEXT - 3, seed=3)[0].tolist()
+
+    result = agent.generate(prompt, max_new_tokens=10)
+
+    # The cache holds at most CONTEXT tokens: the prompt and three new ones; the fourth came out of the last step.
+    assert result.stop_reason == "length" and len(result.new_ids) == 4
+    assert result.new_ids == torch_greedy(models["dense"], prompt, 4)
+    with pytest.raises(InferenceError, match=f"the prompt has {CONTEXT + 1} tokens, more than the model's context"):
+        agent.generate(prompt + [1, 2, 3, 4], max_new_tokens=1)
+
+
+def test_infer_on_a_cached_variant_scores_the_whole_sequence(agent, models):
+    agent.switch("composite", "test")
+    ids = token_ids(3, 9, seed=11)
+
+    result = agent.infer(ids.numpy())
+
+    assert result.variant == "composite" and len(result.outputs) == 1
+    np.testing.assert_allclose(result.outputs[0], torch_logits(models["composite"], ids), atol=1e-5)
+
+
+def test_a_switch_mid_generation_leaves_it_on_its_variant(cached_dir, models):
+    agent = started(cached_dir, preload="lazy")
+    try:
+        agent.switch("dense", "test")
+
+        def switch_after_the_first_token(step: int, token: int) -> None:
+            if step == 0:
+                agent.switch("composite", "test: switch while a generation is in flight")
+
+        result = agent.generate(PROMPT, max_new_tokens=8, on_step=switch_after_the_first_token)
+
+        assert agent.active == "composite" and result.variant == "dense"
+        assert result.new_ids == torch_greedy(models["dense"], PROMPT, 8)
+    finally:
+        agent.close()
+
+
+def rewritten(cached_dir, tmp_path, edit) -> Portfolio:
+    copy = shutil.copytree(cached_dir, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_kv_cache_the_file_does_not_have_refuses_the_variant_at_load(cached_dir, tmp_path):
+    def misdescribe(manifest):
+        files = [variant["files"]["onnx"] for variant in manifest["variants"]]
+        files[0]["kv_cache"] = {"layers": [[1, 16], [2, 16]]}  # the dense file has 2 KV heads in its first layer
+        files[1]["kv_cache"] = {"layers": [[2, 16], [2, 16]]}  # and the composite file 3 layers
+
+    runtime = Runtime(Portfolio.open(rewritten(cached_dir, tmp_path, misdescribe)), OnnxRuntimeBackend(), threads=1)
+
+    with pytest.raises(BackendError, match=r"variant 'dense' does not take the kv_cache its manifest entry describes "
+                                           r"\(2 layers\): .* invalid dimensions for input: past_key_values.0.value"):
+        runtime.open_session("dense")
+    with pytest.raises(BackendError, match=r"composite.onnx: variant 'composite' does not take the kv_cache its manifest "
+                                           r"entry describes \(2 layers\): variant 'composite' takes 8 input\(s\), got 6"):
+        runtime.open_session("composite")
+
+
+def test_a_malformed_kv_cache_refuses_the_manifest(cached_dir, tmp_path):
+    def break_layers(manifest):
+        manifest["variants"][0]["files"]["onnx"]["kv_cache"] = {"layers": [[0, 16]]}
+
+    with pytest.raises(PortfolioError, match=r"variants\[0\].files.onnx.kv_cache.layers must be a non-empty list of "
+                                             r"\[kv_heads, head_dim\] pairs"):
+        Portfolio.open(rewritten(cached_dir, tmp_path, break_layers), verify=False)
+
+
+@pytest.mark.slow
+def test_smollm2_generates_with_its_cache_what_it_generates_without(tmp_path):
+    from test_mosaic_structure import smollm2
+
+    model, tokenizer = smollm2()
+    build_cached_portfolio(tmp_path, {"dense": model})
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    agent = started(tmp_path)
+    try:
+        result = agent.generate(prompt, max_new_tokens=32)
+    finally:
+        agent.close()
+
+    assert result.new_ids == torch_greedy(model, prompt, 32)
