@@ -391,6 +391,9 @@ def _decode_tensor(tensor, specs: dict, binary: memoryview, offset: int) -> tupl
     if not isinstance(data, list):
         raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': 'data' must be a list of values "
                                                 "(or use the binary tensor data extension)")
+    if _list_depth(data) > MAX_RANK:  # numpy would refuse it with a message of its own, varying by version
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': data is nested more than {MAX_RANK} lists deep; "
+                                                f"give it the tensor's shape (or flat)")
     if expected_dtype.kind in "iu" and not _all_integers(data):
         raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': data must be integers for {datatype}")
     try:
@@ -400,6 +403,15 @@ def _decode_tensor(tensor, specs: dict, binary: memoryview, offset: int) -> tupl
     if array.size != count:
         raise HttpError(HTTPStatus.BAD_REQUEST, f"input '{name}': {array.size} values do not fill shape {shape}")
     return name, _reshape(name, array, shape), offset
+
+
+def _list_depth(data) -> int:
+    """How many lists deep the first element sits: a tensor's nested data has its rank there."""
+    depth = 0
+    while isinstance(data, list):
+        depth += 1
+        data = data[0] if data else None
+    return depth
 
 
 def _reshape(name: str, array: np.ndarray, shape: list[int]) -> np.ndarray:

@@ -24,6 +24,16 @@ def cache_inputs(ids: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
     return [ids, mask, *past]
 
 
+def decode_step_inputs(session: "CachedLmSession", ids: np.ndarray) -> list[np.ndarray]:
+    """Inputs of one decode step after the prompt `ids`: its last token again, after the cache of the rest.
+
+    What a generation's steps cost, the calls its latency window holds, so a bench of these is what the
+    policy compares live latencies with (a prefill would cost more, and grow with the prompt)."""
+    prompt = ids[:, :-1] if ids.shape[1] > 1 else ids
+    past = session.run(cache_inputs(prompt, empty_cache(len(ids), session.cache)))[1:]
+    return cache_inputs(ids[:, -1:], past)
+
+
 class CachedLmSession(Session):
     """run([input_ids]) scores whole sequences from an empty cache and answers [logits];
     run(cache_inputs(...)) answers [logits, present key and value of every layer]."""

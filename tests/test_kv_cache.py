@@ -144,6 +144,24 @@ def rewritten(cached_dir, tmp_path, edit) -> Portfolio:
     return copy
 
 
+def test_the_bench_times_a_cached_variant_on_a_decode_step_after_the_sample(cached_dir):
+    from agent.bench import bench_sessions
+
+    runtime = Runtime(Portfolio.open(cached_dir), OnnxRuntimeBackend(), threads=1)
+    session = runtime.open_session("dense")
+    calls = []
+    run = session.run
+    session.run = lambda inputs: calls.append([a.shape for a in inputs]) or run(inputs)
+    sample = [token_ids(1, 8).numpy()]
+    try:
+        bench_sessions({"dense": session}, sample, runs=3, warmup=1)
+    finally:
+        session.close()
+    prefill, *steps = calls
+    assert prefill[0] == (1, 7) and prefill[2] == (1, 2, 0, 16)  # the sample's prompt, from an empty cache
+    assert len(steps) == 4 and all(shapes[0] == (1, 1) and shapes[2][2] == 7 for shapes in steps)
+
+
 def test_a_kv_cache_the_file_does_not_have_refuses_the_variant_at_load(cached_dir, tmp_path):
     def misdescribe(manifest):
         files = [variant["files"]["onnx"] for variant in manifest["variants"]]
