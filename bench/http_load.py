@@ -1,7 +1,7 @@
 """Throughput and latency of the HTTP front under load, beside the bare onnxruntime session's.
 
 The agent serves the tests' small portfolio (a quarter-width ResNet-20), pinned to one variant, in a child
-process (bench/http_overhead.py's server). Triton's own client loads it: N threads,
+process (bench/http_overhead.py's `served_in_child`). Triton's own client loads it: N threads,
 each with a `tritonclient.http.InferenceServerClient` and one `infer` call always in flight, for a fixed time
 (its `async_infer` took 11 ms a call even at concurrency 1 here, its gevent loop's doing, not the server's), with 1x3x32x32 FP32 tensors in binary (the binary
 tensor data extension both ways) or as JSON. Beside it, a bare onnxruntime session configured as the agent's
@@ -15,7 +15,6 @@ submission of a call to its answer.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._portfolio import ensure_portfolio  # noqa: E402
 from bench.agent_overhead import bare_session  # noqa: E402
-from bench.http_overhead import SMALL_ARGS, serve  # noqa: E402
+from bench.http_overhead import SMALL_ARGS, served_in_child  # noqa: E402
 from agent.portfolio import Portfolio  # noqa: E402
 
 CONCURRENCY = (1, 2, 4, 8)
@@ -86,32 +85,24 @@ def in_threads(makers: list, seconds: float) -> list[float]:
 def main() -> None:
     args = _arguments()
     path = args.portfolio or ensure_portfolio("small", SMALL_ARGS, "the tests' small portfolio, ~3 min on 2 cores")
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    child = context.Process(target=serve, args=(path, args.threads, theirs), daemon=True)
-    child.start()
-    port, variant = ours.recv()
-    portfolio = Portfolio.open(path)
-    x = portfolio.samples().inputs[0][:1].astype(np.float32)
-    session = bare_session(portfolio.file_path(variant, "onnx"), args.threads)
-    model = portfolio.manifest.name
-    rows: dict[tuple[str, int], Callable[[float], list[float]]] = {}
-    for n in CONCURRENCY:
-        rows[("bare onnxruntime", n)] = lambda seconds, n=n: bare_slice(session, x, n, seconds)
-    for mode in ("HTTP binary", "HTTP JSON"):
+    with served_in_child(path, args.threads) as (port, variant):
+        portfolio = Portfolio.open(path)
+        x = portfolio.samples().inputs[0][:1].astype(np.float32)
+        session = bare_session(portfolio.file_path(variant, "onnx"), args.threads)
+        model = portfolio.manifest.name
+        rows: dict[tuple[str, int], Callable[[float], list[float]]] = {}
         for n in CONCURRENCY:
-            rows[(mode, n)] = lambda seconds, n=n, binary=mode == "HTTP binary": \
-                http_slice(f"127.0.0.1:{port}", model, x, binary, n, seconds)
-    latencies: dict[tuple[str, int], list[float]] = {row: [] for row in rows}
-    try:
+            rows[("bare onnxruntime", n)] = lambda seconds, n=n: bare_slice(session, x, n, seconds)
+        for mode in ("HTTP binary", "HTTP JSON"):
+            for n in CONCURRENCY:
+                rows[(mode, n)] = lambda seconds, n=n, binary=mode == "HTTP binary": \
+                    http_slice(f"127.0.0.1:{port}", model, x, binary, n, seconds)
+        latencies: dict[tuple[str, int], list[float]] = {row: [] for row in rows}
         for run in rows.values():  # warm up every connection and path, untimed
             run(0.2)
         for i in range(args.rounds):
             for row in (list(rows) if i % 2 == 0 else list(rows)[::-1]):
                 latencies[row].extend(rows[row](args.seconds / args.rounds))
-    finally:
-        ours.send("stop")
-        child.join(timeout=10)
 
     print(f"{model}: variant {variant} (pinned), input {list(x.shape)} FP32, onnxruntime {args.threads} "
           f"intra-op thread(s), {args.seconds:g} s per row in {args.rounds} interleaved slices")

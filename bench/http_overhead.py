@@ -20,6 +20,8 @@ import json
 import multiprocessing
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -94,42 +96,54 @@ def serve(path: Path, threads: int, connection) -> None:
     agent.close()
 
 
-def main() -> None:
-    args = _arguments()
-    path = args.portfolio or ensure_portfolio("small", SMALL_ARGS, "the tests' small portfolio, ~3 min on 2 cores")
+@contextmanager
+def served_in_child(path: Path, threads: int) -> Iterator[tuple[int, str]]:
+    """`serve` in a spawned child process for the block: its port and the variant it is pinned to."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    child = context.Process(target=serve, args=(path, args.threads, theirs), daemon=True)
+    child = context.Process(target=serve, args=(path, threads, theirs), daemon=True)
     child.start()
-    port, served = ours.recv()
-    agent = start_agent(path, "all", args.threads)
     try:
-        if agent.active != served:
-            agent.switch(served, "the server's variant")
-        variant = agent.active
-        x = agent.portfolio.samples().inputs[0][:1].astype(np.float32)
-        route = f"/v2/models/{agent.name}/infer"
-        json_connection, over_json = client(port, route, json_body(x), None)
-        binary_connection, over_binary = client(port, route, *binary_body(x))
-        expected = agent.infer(x).outputs[0]
-        for call in (over_json, over_binary):
-            np.testing.assert_allclose(call(), expected, atol=1e-5)
-        times = interleaved_ms({"Agent.infer": lambda: agent.infer(x), "HTTP JSON": over_json,
-                                "HTTP binary": over_binary}, args.rounds, args.warmup)
-        json_connection.close()
-        binary_connection.close()
+        yield ours.recv()
     finally:
         ours.send("stop")
         child.join(timeout=10)
-        agent.close()
 
-    print(f"{agent.name}: variant {variant}, input {list(x.shape)} FP32 ({x.nbytes} bytes), onnxruntime "
-          f"{args.threads} thread(s), {args.rounds} interleaved rounds, keep-alive connections")
+
+def main() -> None:
+    args = _arguments()
+    path = args.portfolio or ensure_portfolio("small", SMALL_ARGS, "the tests' small portfolio, ~3 min on 2 cores")
+    with served_in_child(path, args.threads) as (port, served):
+        agent = start_agent(path, "all", args.threads)
+        try:
+            times, variant, x = _measure(args, agent, port, served)
+        finally:
+            agent.close()
+
+    print(f"{agent.name}: variant {variant}, input {list(x.shape)} FP32 ({x.nbytes} bytes), onnxruntime "          f"{args.threads} thread(s), {args.rounds} interleaved rounds, keep-alive connections")
     base = np.median(times["Agent.infer"])
     print(f"{'':<12} {'p50 ms':>8} {'p95 ms':>8} {'overhead p50 ms':>16} {'x Agent.infer':>14}")
     for name, ms in times.items():
         p50 = np.median(ms)
         print(f"{name:<12} {p50:>8.3f} {np.percentile(ms, 95):>8.3f} {p50 - base:>16.3f} {p50 / base:>14.2f}")
+
+
+def _measure(args, agent, port: int, served: str) -> tuple[dict[str, list[float]], str, np.ndarray]:
+    """Agent.infer, HTTP JSON and HTTP binary on the served variant, interleaved: their times, variant, input."""
+    if agent.active != served:
+        agent.switch(served, "the server's variant")
+    x = agent.portfolio.samples().inputs[0][:1].astype(np.float32)
+    route = f"/v2/models/{agent.name}/infer"
+    json_connection, over_json = client(port, route, json_body(x), None)
+    binary_connection, over_binary = client(port, route, *binary_body(x))
+    expected = agent.infer(x).outputs[0]
+    for call in (over_json, over_binary):
+        np.testing.assert_allclose(call(), expected, atol=1e-5)
+    times = interleaved_ms({"Agent.infer": lambda: agent.infer(x), "HTTP JSON": over_json,
+                            "HTTP binary": over_binary}, args.rounds, args.warmup)
+    json_connection.close()
+    binary_connection.close()
+    return times, agent.active, x
 
 
 def _arguments() -> argparse.Namespace:
