@@ -24,9 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/edgeshift-export inspect $(PORTFOLIO)
 	$(VENV)/bin/edgeshift-agent --log-level warning demo $(PORTFOLIO)
 
-# Two processes: the agent's tests (tests/agent_only.txt) on a portfolio exported beforehand in a process
-# of its own, then the rest. gevent's threads (tritonclient) and torch's autograd in one process were seen
-# to abort it now and then.
+# Two processes: the agent's tests (tests/agent_only.txt, the Python 3.8 list) on a portfolio exported
+# beforehand, then the rest.
 AGENT_TESTS := $(addprefix tests/,$(addsuffix .py,$(shell grep -v '^\#' tests/agent_only.txt)))
 TEST_PORTFOLIO := build/test-portfolio
 

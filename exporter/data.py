@@ -268,13 +268,16 @@ def _normalized(
     labels: list[str],
     scale: float,
 ) -> Dataset:
-    train_x = train_raw * scale
+    # Contiguous NCHW whatever layout a loader produced: stacked CHW views of HWC images are channels-last,
+    # and CPU training on channels-last 1x1 convolutions with fewer than 16 input channels writes out of
+    # bounds in torch 2.13's oneDNN (a segfault or corrupt memory later; uxlfoundation/oneDNN#6035).
+    train_x = train_raw.contiguous() * scale
     mean = train_x.mean(dim=(0, 2, 3))
     std = train_x.std(dim=(0, 2, 3), unbiased=False)
     std = torch.where(std > 0, std, torch.ones_like(std))  # a constant channel must not divide by zero
     shape = (1, -1, 1, 1)
     train_x.sub_(mean.view(shape)).div_(std.view(shape))  # in place: CIFAR-10 is 600 MB as float32
-    test_x = (test_raw * scale).sub_(mean.view(shape)).div_(std.view(shape))
+    test_x = (test_raw.contiguous() * scale).sub_(mean.view(shape)).div_(std.view(shape))
     return Dataset(
         name=name,
         train_x=train_x,

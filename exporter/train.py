@@ -111,7 +111,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, masks: Masks | N
                 if len(order) - start < world_size():
                     break  # a last batch too small to give every rank a sample
                 batch = shard(order[start:start + config.batch_size])
-                x, y = to_device(data.train_x[batch], device), to_device(data.train_y[batch], device)
+                # contiguous: a channels-last batch meets a oneDNN bug on CPU (see exporter.data._normalized)
+                x, y = to_device(data.train_x[batch].contiguous(), device), to_device(data.train_y[batch], device)
                 with _autocast(config.amp, device):
                     logits = network(x)
                     loss = F.cross_entropy(logits, y)

@@ -129,6 +129,20 @@ def test_mixed_precision_trains_float32_weights_and_keeps_masks(few_digits, amp)
         assert (dict(model.named_parameters())[name][~mask] == 0).all()
 
 
+def test_training_feeds_contiguous_batches_even_from_channels_last_data(few_digits):
+    """Channels-last 1x1 convolutions with under 16 input channels write out of bounds in torch 2.13's oneDNN."""
+    channels_last = Dataset(few_digits.name, few_digits.train_x.contiguous(memory_format=torch.channels_last),
+                            few_digits.train_y, few_digits.test_x, few_digits.test_y, few_digits.labels,
+                            few_digits.preprocessing)
+    model = seeded(0, lambda: build_model("resnet20", width=0.25))
+    layouts = []
+    model.conv1.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+
+    train(model, channels_last, TrainConfig(epochs=1, device="cpu"), progress=False)
+
+    assert layouts and all(layouts)
+
+
 @needs_cuda
 def test_cuda_training_matches_cpu_training_and_comes_back_to_the_cpu(few_digits, monkeypatch):
     # TF32 convolutions round to 10 bits of mantissa: compare float32 with float32.

@@ -74,6 +74,14 @@ def test_the_split_is_seeded(tmp_path):
     assert not torch.equal(first.test_x, other.test_x)
 
 
+def test_images_come_out_contiguous_nchw(tmp_path):
+    """Read as CHW views of HWC images they would stack channels-last, which CPU training must not get
+    (a oneDNN out-of-bounds write; exporter.data._normalized)."""
+    for dataset in (load_dataset(str(write_class_folders(tmp_path / "colours"))),
+                    load_dataset(str(write_train_val(tmp_path / "split")))):
+        assert dataset.train_x.is_contiguous() and dataset.test_x.is_contiguous()
+
+
 def test_train_and_val_folders_are_train_and_test_normalized_by_the_train_images(tmp_path):
     dataset = load_dataset(str(write_train_val(tmp_path / "split")))
 
