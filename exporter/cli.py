@@ -304,7 +304,8 @@ def _parser() -> argparse.ArgumentParser:
     mosaic.add_argument("--sparsities", type=_sparsities, help="projection sparsities in [0, 1), e.g. 0.5,0.7 (default 0.5)")
     mosaic.add_argument("--composite-ratio", type=float, default=MosaicSpec.composite_ratio,
                         help="share of attention heads and MLP neurons the composite variants remove")
-    mosaic.add_argument("--baselines", action="store_true", help="also global (uniform Wanda) and layer (OWL) variants")
+    mosaic.add_argument("--baselines", action="store_true",
+                        help="also global (uniform) and layer (OWL) variants, unless mosaic-unstructured already uses one")
     mosaic.add_argument("--pruner", default=UnstructuredConfig.pruner, help="wanda or sparsegpt")
     mosaic.add_argument("--outlier-m", type=float, default=UnstructuredConfig.m, help="outlier threshold M, times the mean score")
     mosaic.add_argument("--lam", type=float, default=UnstructuredConfig.lam, help="how far a projection's ratio may stray from the target")

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from agent.portfolio import Portfolio
 from exporter.cli import main as export_main
+from exporter.mosaic.unstructured import UnstructuredConfig
 
 WORDS = "the cat sat on a mat and dog ran far away from home in rain".split()
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
@@ -56,10 +57,11 @@ def test_the_portfolio_holds_every_method_and_validates(mosaic_portfolio):
     manifest = Portfolio.open(mosaic_portfolio).manifest
     assert manifest.task == "causal-lm"
     assert [(v.id, v.method) for v in manifest.variants] == [
-        ("dense", "dense"), ("mosaic-global-s50", "mosaic-global"), ("mosaic-layer-s50", "mosaic-layer"),
+        ("dense", "dense"), ("mosaic-global-s50", "mosaic-global"),  # no mosaic-layer: it is the default allocation
         ("mosaic-unstructured-s50", "mosaic-unstructured"), ("mosaic-composite-s50", "mosaic-composite"),
     ]
     variants = {v.id: v for v in manifest.variants}
+    assert variants["mosaic-unstructured-s50"].details["granularity"] == UnstructuredConfig.granularity
     assert variants["mosaic-composite-s50"].params < variants["dense"].params
     assert variants["mosaic-composite-s50"].details["layers"][0] != {"heads": 4, "kv_heads": 2, "intermediate": 96}
     for v in manifest.variants:
@@ -82,7 +84,7 @@ def test_the_agent_health_checks_and_generates_with_every_variant(mosaic_portfol
     from agent.cli import main as agent_main
 
     assert agent_main(["check", str(mosaic_portfolio), "--threads", "1"]) == 0
-    assert capsys.readouterr().out.count(" ok") == 5
+    assert capsys.readouterr().out.count(" ok") == len(Portfolio.open(mosaic_portfolio).manifest.variants) == 4
     for variant in ("dense", "mosaic-composite-s50"):
         assert agent_main(["generate", str(mosaic_portfolio), "--prompt", "the cat sat", "--max-tokens", "4",
                            "--variant", variant]) == 0

@@ -1,4 +1,4 @@
-"""Mosaic's ratio rule: more outliers, less pruning; each ratio within target ± lam; the weighted target met exactly."""
+"""Mosaic's ratio rules: more outliers, less pruning; each ratio within target ± lam; the weighted target met exactly."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,7 +6,14 @@ from hypothesis import strategies as st
 
 from exporter.errors import ExportError
 from exporter.mosaic.load import PROJECTIONS
-from exporter.mosaic.ratios import OutlierShares, allocate, balanced_ratios, outlier_share, wanda_scores
+from exporter.mosaic.ratios import (
+    OutlierShares,
+    allocate,
+    balanced_ratios,
+    layer_and_type_spread,
+    outlier_share,
+    wanda_scores,
+)
 
 # Projection sizes of a small GQA decoder layer: k/v a third of q/o, the MLP 2.7x wider.
 LAYER_SIZES = {"q_proj": 576 * 576, "k_proj": 576 * 192, "v_proj": 576 * 192, "o_proj": 576 * 576,
@@ -27,7 +34,7 @@ def shares_of(by_projection: list[dict[str, float]]) -> OutlierShares:
     data=st.lists(st.lists(st.floats(0, 0.2), min_size=7, max_size=7), min_size=1, max_size=6),
     target=st.floats(0, 0.95),
     lam=st.floats(0, 0.2),
-    granularity=st.sampled_from(["projection", "layer"]),
+    granularity=st.sampled_from(["projection", "layer", "layer+type"]),
 )
 def test_ratios_stay_within_lam_hit_the_weighted_target_and_fall_as_outliers_rise(data, target, lam, granularity):
     by_projection = [dict(zip(PROJECTIONS, layer)) for layer in data]
@@ -36,15 +43,46 @@ def test_ratios_stay_within_lam_hit_the_weighted_target_and_fall_as_outliers_ris
 
     ratios = allocate(shares, sizes, target, lam, granularity)
 
-    flat = [(by_projection[i][n] if granularity == "projection" else shares.by_layer[i], ratios[i][n])
-            for i in range(len(data)) for n in PROJECTIONS]
-    for _, ratio in flat:
-        assert max(0.0, target - lam) - 1e-12 <= ratio <= min(1.0, target + lam) + 1e-12
+    for layer in ratios:
+        for ratio in layer.values():
+            assert max(0.0, target - lam) - 1e-12 <= ratio <= min(1.0, target + lam) + 1e-12
     assert weighted_mean(ratios, sizes) == pytest.approx(target, abs=1e-6)
-    for share_a, ratio_a in flat:
-        for share_b, ratio_b in flat:
-            if share_a > share_b:
-                assert ratio_a <= ratio_b + 1e-12
+    if granularity == "layer+type":
+        # Within a layer, types order by their mean share over the layers; within a type, layers by the layer share.
+        type_mean = {n: sum(layer[n] for layer in by_projection) / len(data) for n in PROJECTIONS}
+        orderings = [[(type_mean[n], ratios[i][n]) for n in PROJECTIONS] for i in range(len(data))]
+        orderings += [[(shares.by_layer[i], ratios[i][n]) for i in range(len(data))] for n in PROJECTIONS]
+    else:
+        orderings = [[(by_projection[i][n] if granularity == "projection" else shares.by_layer[i], ratios[i][n])
+                      for i in range(len(data)) for n in PROJECTIONS]]
+    for flat in orderings:
+        for share_a, ratio_a in flat:
+            for share_b, ratio_b in flat:
+                if share_a > share_b:
+                    assert ratio_a <= ratio_b + 1e-12
+
+
+def test_layer_and_type_adds_the_types_offset_to_the_layers_owl_spread():
+    # Two layers; v_proj has the most outliers in both, down_proj the fewest; layer 1 has more outliers overall.
+    by_projection = [dict.fromkeys(PROJECTIONS, 0.02), dict.fromkeys(PROJECTIONS, 0.02)]
+    for layer in by_projection:
+        layer["v_proj"], layer["down_proj"] = 0.04, 0.0
+    shares = OutlierShares(by_layer=[0.01, 0.03], by_projection=by_projection)
+    sizes = [dict.fromkeys(PROJECTIONS, 1000), dict.fromkeys(PROJECTIONS, 1000)]
+
+    ratios = allocate(shares, sizes, target=0.5, lam=0.1, granularity="layer+type")
+
+    # Spreads: layer -0.1 / +0.1; type v_proj +0.1, down_proj -0.1, the rest 0. Equal sizes and a
+    # symmetric spread need no offset; the sums of +-0.2 clip at target -+ lam.
+    assert ratios[0]["q_proj"] == pytest.approx(0.6) and ratios[1]["q_proj"] == pytest.approx(0.4)
+    assert ratios[0]["v_proj"] == pytest.approx(0.5) and ratios[1]["v_proj"] == pytest.approx(0.4)
+    assert ratios[0]["down_proj"] == pytest.approx(0.6) and ratios[1]["down_proj"] == pytest.approx(0.5)
+    assert weighted_mean(ratios, sizes) == pytest.approx(0.5, abs=1e-9)
+    # Unlike "projection", a type's offset is the same in every layer: its own share in one layer does not matter.
+    by_projection[0]["k_proj"] = 0.03
+    spread = layer_and_type_spread(OutlierShares([0.01, 0.03], by_projection), lam=0.1)
+    assert spread[0]["k_proj"] - spread[0]["q_proj"] == pytest.approx(spread[1]["k_proj"] - spread[1]["q_proj"])
+    assert spread[0]["k_proj"] > spread[0]["q_proj"]
 
 
 def test_the_projection_with_most_outliers_is_pruned_least_and_large_projections_pull_the_offset():
@@ -116,7 +154,7 @@ def test_bad_lam_m_and_granularity_are_refused():
     shares, sizes = shares_of([dict.fromkeys(PROJECTIONS, 0.0)]), [dict(LAYER_SIZES)]
     with pytest.raises(ExportError, match="lam must be >= 0, got -0.1"):
         allocate(shares, sizes, 0.5, -0.1, "projection")
-    with pytest.raises(ExportError, match="unknown granularity 'row': choose one of global, layer, projection"):
+    with pytest.raises(ExportError, match="unknown granularity 'row': choose one of global, layer, projection, layer\\+type"):
         allocate(shares, sizes, 0.5, 0.08, "row")
     with pytest.raises(ExportError, match="m must be > 0, got 0"):
         outlier_share(torch.ones(3), m=0)

@@ -156,6 +156,25 @@ def test_layer_granularity_prunes_all_projections_of_a_layer_alike():
     assert len({layer["q_proj"] for layer in report.ratios}) == 3
 
 
+def test_layer_and_type_prunes_a_type_with_outliers_in_every_layer_least_in_each_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            layer.self_attn.v_proj.weight[:, :2] *= 50.0  # outlier input columns in every layer's v_proj
+
+    report = prune_unstructured(model, windows(), UnstructuredConfig(0.5, granularity="layer+type", lam=0.08))
+
+    for layer in report.ratios:
+        assert min(layer, key=layer.get) == "v_proj"
+        assert all(0.42 - 1e-9 <= r <= 0.58 + 1e-9 for r in layer.values())
+    sizes = [{name: linear.weight.numel() for name, linear in projections(layer, i).items()}
+             for i, layer in enumerate(decoder_layers(model))]
+    total = sum(sum(layer.values()) for layer in sizes)
+    weighted = sum(report.ratios[i][n] * sizes[i][n] for i in range(len(sizes)) for n in sizes[i]) / total
+    assert weighted == pytest.approx(0.5, abs=1e-9)
+    assert report.overall == pytest.approx(0.5, abs=0.01)  # rounding per output row (Wanda) only
+
+
 def drop_half_the_mlp_neurons(stats):
     """What the composite path does before unstructured pruning: shrink the layer (here its MLP)."""
     mlp, kept = stats.layer.mlp, torch.arange(0, 128, 2)

@@ -1,9 +1,9 @@
 """A Mosaic portfolio of a causal LM: the dense model, projection-pruned and composite variants.
 
-Per sparsity: `mosaic-unstructured` (each projection its own ratio from its outlier share) and
+Per sparsity: `mosaic-unstructured` (ratios from outlier shares at UnstructuredConfig.granularity) and
 `mosaic-composite` (heads and neurons removed first, so the model really shrinks, then projection
-pruning of what remains); with `baselines`, also `mosaic-global` (uniform Wanda) and
-`mosaic-layer` (OWL). Every variant is evaluated (perplexity on the evaluation text at a fixed
+pruning of what remains); with `baselines`, also `mosaic-global` (uniform) and `mosaic-layer`
+(OWL), each unless it is mosaic-unstructured's own allocation. Every variant is evaluated (perplexity on the evaluation text at a fixed
 context), exported to ONNX with a key-value cache (onnx_export), checked against torch and timed. Calibration, pruning
 and perplexity run on the chosen device; each variant goes back to the CPU once measured, for export
 and timing.
@@ -39,7 +39,7 @@ from exporter.report import write_report
 from exporter.versions import exporter_versions
 from exporter.writer import BuiltVariant, check_output_dir, staged_output
 
-METHOD_OF = {"global": "mosaic-global", "layer": "mosaic-layer", "projection": "mosaic-unstructured"}
+BASELINES = {"global": "mosaic-global", "layer": "mosaic-layer"}
 SAMPLE_SHAPE = (2, 16)    # health-check input_ids in samples.npz: 2 sequences of 16 tokens
 
 
@@ -96,14 +96,18 @@ def _build(spec: MosaicSpec, model: nn.Module, tokenizer, device: torch.device, 
 
     built = [BuiltVariant(_describe(model, "dense", "dense", None, 1.0, metrics(model), {}), model)]
     log(f"dense: perplexity {built[0].variant.metrics['perplexity']:.2f} on {held_out.numel()} tokens")
-    granularities = ("global", "layer", "projection") if spec.baselines else ("projection",)
+    # mosaic-unstructured is pruned at the configured allocation (whichever measured best, README);
+    # a baseline that is that same allocation would be the same model twice.
+    mosaic = spec.unstructured.granularity
+    runs = {g: method for g, method in BASELINES.items() if spec.baselines and g != mosaic}
+    runs[mosaic] = "mosaic-unstructured"
     for sparsity in spec.sparsities:
         config = replace(spec.unstructured, sparsity=sparsity)
-        for granularity in granularities:
+        for granularity, method in runs.items():
             pruned = copy.deepcopy(model)
             report = prune_unstructured(pruned, calib, replace(config, granularity=granularity))
-            variant_id = f"{METHOD_OF[granularity]}-s{round(sparsity * 100)}"
-            built.append(BuiltVariant(_describe(pruned, variant_id, METHOD_OF[granularity], "dense", 1 - report.overall,
+            variant_id = f"{method}-s{round(sparsity * 100)}"
+            built.append(BuiltVariant(_describe(pruned, variant_id, method, "dense", 1 - report.overall,
                                           metrics(pruned), _details(report, granularity, config)), pruned.to(CPU)))
             log(_line(built[-1].variant, report))
         built.append(_composite(model, calib, config, spec, metrics, log))
@@ -122,7 +126,7 @@ def _composite(model: nn.Module, calib: torch.Tensor, config: UnstructuredConfig
         shrink_layer(stats.layer, stats.input_sq_norms, spec.composite_ratio)))
     started = time.perf_counter()
     remove_dead_structure(pruned)  # heads and neurons the unstructured pass emptied go too
-    details = {**_details(report, "projection", config), "structured_ratio": spec.composite_ratio,
+    details = {**_details(report, config.granularity, config), "structured_ratio": spec.composite_ratio,
                "dead_removal_s": round(time.perf_counter() - started, 3),
                "layers": [shape.sizes() for shape in layer_shapes(pruned)]}
     if spec.recovery.steps:

@@ -1,4 +1,5 @@
-"""Wanda scores, outlier shares and the sparsity each projection gets (global, OWL's per layer, Mosaic's per projection).
+"""Wanda scores, outlier shares and the sparsity each projection gets (global, OWL's per layer, Mosaic's per
+projection, and the public Mosaic code's per layer plus per projection type).
 
 The ratio rule is OWL's: with D the outlier shares, c = (D - min D) / (max D - min D) * 2λ and
 sparsity = S - (c - mean c), so more outliers mean less pruning. Two changes make its promises exact:
@@ -12,7 +13,10 @@ sparsity = S - (c - mean c), so more outliers mean less pruning. Two changes mak
 Projection granularity normalises D across ALL projections of the model at once (not within each
 projection type), so a type that carries more outliers everywhere (say v_proj) is pruned less than
 one that carries few: telling projections apart is the point of Mosaic. Each projection uses its
-own outlier share, not its layer's (the public Mosaic code's quirk).
+own outlier share, not its layer's: the paper's reading.
+
+"layer+type" is the public Mosaic code's reading (`adjust_ratio`): a projection's ratio is its
+layer's OWL spread plus an offset for its projection type. See `layer_and_type_spread`.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 
 from exporter.errors import ExportError
 
-GRANULARITIES = ("global", "layer", "projection")
+GRANULARITIES = ("global", "layer", "projection", "layer+type")
 _BISECTION_STEPS = 100
 
 
@@ -77,9 +81,12 @@ def allocate(
         per_layer = balanced_ratios(shares.by_layer, [sum(layer.values()) for layer in sizes], target, lam)
         return [{name: ratio for name in layer} for ratio, layer in zip(per_layer, sizes)]
     keys = [(index, name) for index, layer in enumerate(sizes) for name in layer]
-    flat = balanced_ratios(
-        [shares.by_projection[i][name] for i, name in keys], [sizes[i][name] for i, name in keys], target, lam
-    )
+    flat_sizes = [sizes[i][name] for i, name in keys]
+    if granularity == "projection":
+        flat = balanced_ratios([shares.by_projection[i][name] for i, name in keys], flat_sizes, target, lam)
+    else:
+        spread = layer_and_type_spread(shares, lam)
+        flat = fit_spread([spread[i][name] for i, name in keys], flat_sizes, target, lam)
     ratios: list[dict[str, float]] = [{} for _ in sizes]
     for (index, name), ratio in zip(keys, flat):
         ratios[index][name] = ratio
@@ -90,11 +97,59 @@ def balanced_ratios(shares: Sequence[float], sizes: Sequence[int], target: float
     """One sparsity per unit: more outliers, less sparsity; within target ± lam; size-weighted mean = target."""
     if len(shares) != len(sizes) or not shares:
         raise ExportError(f"need one size per outlier share, got {len(shares)} shares and {len(sizes)} sizes")
+    return fit_spread(spread_of(shares, lam), sizes, target, lam)
+
+
+def spread_of(shares: Sequence[float], lam: float) -> list[float]:
+    """OWL's spread: shares mapped linearly onto [-lam, lam], the most outliers at +lam (pruned least)."""
     low, high = min(shares), max(shares)
-    if lam == 0 or high == low or sum(sizes) <= 0:
-        return [target] * len(shares)
-    # Spread in [-lam, lam]: the unit with the most outliers gets +lam (pruned least).
-    spread = [(share - low) / (high - low) * 2 * lam - lam for share in shares]
+    if high == low:
+        return [0.0] * len(shares)
+    return [(share - low) / (high - low) * 2 * lam - lam for share in shares]
+
+
+def layer_and_type_spread(shares: OutlierShares, lam: float) -> list[dict[str, float]]:
+    """The public Mosaic code's allocation, made to keep this module's promises: [layer][projection] spread.
+
+    Each projection gets its layer's OWL spread (the layer's outlier share over all layers, in
+    [-lam, lam]) plus its type's: the type's mean outlier share over the layers, mapped over the
+    types onto [-lam, lam] (the type with the most outliers, pruned least, at +lam). `fit_spread`
+    then clips every ratio to target ± lam and shifts them all so the parameter-weighted mean is
+    the target.
+
+    What the public code (`lib/prune_all.py::adjust_ratio`) does instead: it normalises each
+    type's per-layer shares to c^p in [0, 2lam] and returns the layer's c minus mean(c^p), so the
+    type offset is the mean of the type's NORMALISED profile: it measures how the type's shares
+    are spread over the layers, not how many outliers the type has, and a type whose shares sit
+    near its own maximum is pruned more. Its ratios may stray 2lam from the target and its mean
+    sparsity drifts from it. Here the offset orders types by their outlier shares, as OWL orders
+    layers, the ratios stay within lam, and the weighted mean is exact. The paper's reading, each
+    projection its own share, is granularity "projection".
+    """
+    if len(shares.by_layer) != len(shares.by_projection) or not shares.by_layer:
+        raise ExportError(
+            f"outlier shares cover {len(shares.by_layer)} layers but {len(shares.by_projection)} have projection "
+            "shares: measure both for every layer"
+        )
+    names = list(dict.fromkeys(name for layer in shares.by_projection for name in layer))
+    type_mean = {
+        name: sum(layer[name] for layer in shares.by_projection if name in layer)
+        / sum(name in layer for layer in shares.by_projection)
+        for name in names
+    }
+    by_type = dict(zip(names, spread_of([type_mean[name] for name in names], lam)))
+    by_layer = spread_of(shares.by_layer, lam)
+    return [{name: layer_spread + by_type[name] for name in layer} for layer_spread, layer in
+            zip(by_layer, shares.by_projection)]
+
+
+def fit_spread(spread: Sequence[float], sizes: Sequence[int], target: float, lam: float) -> list[float]:
+    """Ratios target + offset - spread, clipped to target ± lam (and [0, 1]), with the one offset
+    that makes their size-weighted mean exactly target."""
+    if len(spread) != len(sizes) or not spread:
+        raise ExportError(f"need one size per unit, got {len(spread)} spreads and {len(sizes)} sizes")
+    if lam == 0 or sum(sizes) <= 0 or max(spread) == min(spread):
+        return [target] * len(spread)
     floor, ceiling = max(0.0, target - lam), min(1.0, target + lam)
     total = float(sum(sizes))
 
@@ -104,9 +159,11 @@ def balanced_ratios(shares: Sequence[float], sizes: Sequence[int], target: float
     def weighted_mean(offset: float) -> float:
         return sum(size * r for size, r in zip(sizes, ratios_at(offset))) / total
 
-    # At -2λ every ratio clips to the floor (<= target), at +2λ to the ceiling (>= target), and the
-    # weighted mean is continuous and non-decreasing in the offset: bisection finds the exact offset.
-    below, above = -2 * lam, 2 * lam
+    # At the low end every ratio clips to the floor (<= target), at the high end to the ceiling
+    # (>= target), and the weighted mean is continuous and non-decreasing in the offset: bisection
+    # finds the exact offset.
+    reach = lam + max(abs(s) for s in spread)
+    below, above = -reach, reach
     for _ in range(_BISECTION_STEPS):
         middle = (below + above) / 2
         if weighted_mean(middle) < target:
