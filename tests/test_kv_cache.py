@@ -162,6 +162,20 @@ def test_the_bench_times_a_cached_variant_on_a_decode_step_after_the_sample(cach
     assert len(steps) == 4 and all(shapes[0] == (1, 1) and shapes[2][2] == 7 for shapes in steps)
 
 
+def test_the_export_reads_the_cache_as_it_is_and_fuses_its_norms(cached_dir, models):
+    """Each layer's present key and value feed attention's MatMuls directly (no repeat_kv copy of the
+    cache each step), RMSNorm has no Reciprocal left (onnxruntime fuses its Div form), and the model
+    keeps its own attention implementation after the export."""
+    import onnx
+
+    for variant_id, model in models.items():
+        graph = onnx.load(str(cached_dir / f"variants/{variant_id}.onnx")).graph
+        consumers = {node.op_type for node in graph.node for name in node.input if name.startswith("present.")}
+        assert consumers <= {"MatMul", "Transpose"}, variant_id
+        assert not any(node.op_type == "Reciprocal" for node in graph.node), variant_id
+        assert model.config._attn_implementation != "edgeshift_grouped"
+
+
 def test_a_kv_cache_the_file_does_not_have_refuses_the_variant_at_load(cached_dir, tmp_path):
     def misdescribe(manifest):
         files = [variant["files"]["onnx"] for variant in manifest["variants"]]

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -138,13 +140,108 @@ def _export(wrapper: nn.Module, example: tuple, layers: list[list[int]], path: P
     batch = torch.export.Dim("batch_size", min=1)
     past = torch.export.Dim("past_sequence_length", min=0)
     cache_dims = tuple({0: batch, 2: past} for _ in range(2 * len(layers)))
-    torch.onnx.export(
-        wrapper, example, str(path), dynamo=True, external_data=False, verbose=False,
-        input_names=[INPUT_IDS, ATTENTION_MASK, *[n for i in range(len(layers)) for n in past_names(i)]],
-        output_names=[LOGITS, *[n for i in range(len(layers)) for n in present_names(i)]],
-        dynamic_shapes=({0: batch, 1: torch.export.Dim("sequence_length", min=1)},
-                        {0: batch, 1: torch.export.Dim("total_sequence_length", min=1)}, cache_dims),
-    )
+    with _grouped_attention(wrapper.model):
+        torch.onnx.export(
+            wrapper, example, str(path), dynamo=True, external_data=False, verbose=False,
+            input_names=[INPUT_IDS, ATTENTION_MASK, *[n for i in range(len(layers)) for n in past_names(i)]],
+            output_names=[LOGITS, *[n for i in range(len(layers)) for n in present_names(i)]],
+            dynamic_shapes=({0: batch, 1: torch.export.Dim("sequence_length", min=1)},
+                            {0: batch, 1: torch.export.Dim("total_sequence_length", min=1)}, cache_dims),
+        )
+    model = onnx.load(str(path))
+    if _rms_norm_as_division(model):
+        onnx.save(model, str(path))
+
+
+GROUPED_ATTENTION = "edgeshift_grouped"
+
+
+@contextmanager
+def _grouped_attention(model: nn.Module):
+    """The model's attention as `_grouped_attention_forward` while exporting; its own implementation after.
+
+    transformers' attention (sdpa or eager) repeats every cached key and value head for each query head
+    of its group (repeat_kv) and exports the key's transpose after that copy: per layer and decode step,
+    an Expand and a Transpose of 3x the cache (SmolLM2: 3 KV heads for 9 query heads) that onnxruntime
+    cannot fuse away. Grouping the query heads instead reads the cache as it is.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        yield
+        return
+    AttentionInterface.register(GROUPED_ATTENTION, _grouped_attention_forward)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # additive float masks, as eager has
+    before = config._attn_implementation
+    config._attn_implementation = GROUPED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _grouped_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, scaling: float | None = None,
+                               dropout: float = 0.0, **kwargs):
+    """Eager attention without repeat_kv: query [B, H, S, D] read as [B, KV, H/KV * S, D] against
+    key and value [B, KV, T, D]; head h uses KV head h // (H/KV), as repeat_kv pairs them."""
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if (heads % kv_heads or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or kwargs.get("sinks") is not None or (attention_mask is not None and attention_mask.dtype == torch.bool)):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = heads // kv_heads
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, groups * length, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scale  # [B, KV, G * S, T]
+    if attention_mask is not None:
+        total = scores.shape[-1]
+        scores = (scores.reshape(batch, kv_heads, groups, length, total)
+                  + attention_mask.unsqueeze(2)).reshape(batch, kv_heads, groups * length, total)
+    weights = torch.softmax(scores, dim=-1)
+    output = torch.matmul(weights, value).reshape(batch, heads, length, head_dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _rms_norm_as_division(model) -> int:
+    """Mul(x, Reciprocal(Sqrt(v))) -> Div(x, Sqrt(v)) in place; returns how many Reciprocals went.
+
+    torch exports RMSNorm's x * rsqrt(mean(x^2) + eps) as Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul,
+    Mul(weight): seven nodes a norm, which onnxruntime runs one by one. Its SimplifiedLayerNormalization
+    fusion matches the Div form only (SmolLM2-135M int4: 61 norms fused, 2100 nodes -> 1734 after
+    optimization; a few percent of a decode step). x / sqrt(v) is what rsqrt computes, to a rounding.
+    """
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {item.name for item in graph.output}
+    removed = []
+    for node in graph.node:
+        if node.op_type != "Reciprocal" or node.domain not in ("", "ai.onnx"):
+            continue
+        sqrt = producers.get(node.input[0])
+        users = consumers.get(node.output[0], [])
+        if (sqrt is None or sqrt.op_type != "Sqrt" or node.output[0] in outputs or not users
+                or any(user.op_type != "Mul" or user.domain not in ("", "ai.onnx") or len(user.input) != 2
+                       or list(user.input).count(node.output[0]) != 1 for user in users)):
+            continue
+        for user in users:
+            other = user.input[0] if user.input[1] == node.output[0] else user.input[1]
+            user.op_type = "Div"
+            del user.input[:]
+            user.input.extend([other, sqrt.output[0]])
+        removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    return len(removed)
 
 
 def _run_cached(session: ort.InferenceSession, path: Path, ids: np.ndarray, layers: list[list[int]],
