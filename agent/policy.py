@@ -5,7 +5,12 @@ throttling), its memory fits the budget and what the system has free. Expected l
 on-device benchmark scaled by how much slower the active variant runs now than on that bench,
 so CPU contention and throttling move every estimate alike. A violation steps down at once; a
 step up waits for the cooldown and needs headroom, and a step up that pressure undoes within a
-cooldown doubles the next wait (up to 8x), so a policy does not flap on estimates that proved wrong. A pin overrides everything.
+cooldown doubles the next wait (up to 8x), so a policy does not flap on estimates that proved wrong.
+A variant whose step up failed is not stepped up to again, for those 8 cooldowns, unless the active
+variant runs measurably faster (relative to its cost) than when that step up was taken: contention
+hurts a costlier variant more than its cost says (longer requests are preempted more), so an
+estimate that proved wrong at one pressure is not trusted again at the same pressure. A pin
+overrides everything.
 
 Bench latencies are noisy: on a shared device the p95 tail orders variants of the same cost at
 random. So a variant's cost is its bench median, and one variant is cheaper than another only
@@ -100,6 +105,8 @@ class Policy:
         self._last_switch = float("-inf")
         self._last_step_up = float("-inf")
         self._failed_step_ups = 0       # step ups undone by a step down within a cooldown, in a row
+        self._step_up_slowdown: float | None = None   # the active variant's slowdown when the last step up was taken
+        self._distrusted: dict[str, tuple[float, float]] = {}  # variant -> (slowdown its step up failed at, when)
         if settings.pin is not None:
             self._known(settings.pin)
 
@@ -156,7 +163,10 @@ class Policy:
                 else:
                     measured = f"expected p95 {expected[active.id]:.1f} ms > {slo_text}"
                 fits = "" if expected.get(down.id, float("inf")) <= slo else ", the cheapest; nothing fits"
-                self._failed_step_ups = self._failed_step_ups + 1 if obs.now - self._last_step_up <= s.cooldown_s else 0
+                failed = obs.now - self._last_step_up <= s.cooldown_s
+                self._failed_step_ups = self._failed_step_ups + 1 if failed else 0
+                if failed and self._step_up_slowdown is not None:
+                    self._distrusted[active.id] = (self._step_up_slowdown, obs.now)
                 return self._to(obs, down.id, "step-down", f"{measured}: {down.named} expected at "
                                                            f"{expected.get(down.id, float('nan')):.1f} ms{fits}")
         if target is not active and self._as_good(active, target) and self._cheaper(target, active) and not pressed:
@@ -166,8 +176,10 @@ class Policy:
         if not self._as_good(active, target) and target.id in expected:
             waited = obs.now - self._last_switch
             room = busy.get(target.id) is None or busy[target.id] <= s.headroom * s.max_busy
-            if waited >= self._step_up_wait() and expected[target.id] <= s.headroom * slo and room:
+            if (waited >= self._step_up_wait() and expected[target.id] <= s.headroom * slo and room
+                    and not self._still_distrusted(target, self._slowdown(obs, active), obs.now)):
                 self._last_step_up = obs.now
+                self._step_up_slowdown = self._slowdown(obs, active)
                 backoff = f" (after {self._step_up_wait():.0f} s: recent step ups failed)" if self._failed_step_ups else ""
                 return self._to(obs, target.id, "step-up", f"headroom: {target.named} expected at "
                                                            f"{expected[target.id]:.1f} ms <= {s.headroom:.0%} of "
@@ -204,6 +216,25 @@ class Policy:
         if obs.busy is None or active is None or not active.cost_ms:
             return {}
         return {c.id: obs.busy * c.cost_ms / active.cost_ms for c in candidates if c.cost_ms is not None}
+
+    def _slowdown(self, obs: Observation, active: Candidate) -> float | None:
+        """How much slower than its bench median the active variant runs now (its live p95 over its cost)."""
+        if obs.live.p95 is None or obs.live.count < self.settings.min_samples or not active.cost_ms:
+            return None
+        return obs.live.p95 / active.cost_ms
+
+    def _still_distrusted(self, target: Candidate, slowdown: float | None, now: float) -> bool:
+        """Whether a step up to target failed recently at this pressure or a lower one: it may go again
+        after 8 cooldowns, or once the active variant runs faster beyond noise than when it failed."""
+        if target.id not in self._distrusted:
+            return False
+        failed_at_slowdown, when = self._distrusted[target.id]
+        expired = now - when >= self.settings.cooldown_s * 2 ** MAX_BACKOFF_DOUBLINGS
+        eased = slowdown is not None and slowdown < (1 - self.settings.noise_margin) * failed_at_slowdown
+        if expired or eased:
+            del self._distrusted[target.id]
+            return False
+        return True
 
     def _cheapest(self, candidates: list[Candidate]) -> Candidate | None:
         """The most accurate of the variants nothing else is really cheaper than."""

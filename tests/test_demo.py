@@ -14,10 +14,12 @@ def test_demo_serves_through_stress_and_reports_what_switching_bought(small_port
     assert "replaying evaluation inputs" in text
     assert "CPU stress on every core" in text and ", 0 failed;" in text
     assert "served by" in text and "p95 ms" in text
-    # It ends with the same schedule pinned to dense, and both runs side by side.
-    assert "again, pinned to dense, to see what switching bought" in text
-    assert "\nadaptive (this run) " in text and "\npinned dense " in text
-    assert "of requests within the SLO vs" in lines[-1] and "pinned to dense; effective accuracy" in lines[-1]
+    # It ends with the same schedule pinned to the most accurate variant, and both runs side by side.
+    best = max(json.loads((small_portfolio / "manifest.json").read_text())["variants"],
+               key=lambda variant: variant["metrics"]["accuracy"])["id"]
+    assert f"again, pinned to the most accurate variant, {best}, to see what switching bought" in text
+    assert "\nadaptive (this run) " in text and f"\npinned {best} " in text
+    assert "of requests within the SLO vs" in lines[-1] and f"pinned {best}; effective accuracy" in lines[-1]
 
 
 def test_a_portfolio_without_evaluation_data_skips_the_comparison_in_one_line(small_portfolio, tmp_path):

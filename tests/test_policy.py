@@ -174,30 +174,34 @@ def test_oscillating_load_does_not_flap():
     assert switches <= 4
 
 
-def test_a_step_up_that_pressure_undoes_at_once_doubles_the_next_wait():
+def test_a_step_up_that_pressure_undoes_is_not_retried_at_that_pressure_for_eight_cooldowns():
     policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, cooldown_s=5, headroom=0.7))
     # Contention that hurts the costlier variant more than its cost says: the cheap one runs at its bench
     # latency (so the estimate allows a step up), the costlier one at 40 ms (so each step up fails).
     active, step_ups = "imp-l03-structured", []
-    for now in range(0, 80):
+    for now in range(0, 100):
         decision = policy.decide(observe(now, active, 40.0 if active == "imp-l03-structured" else 8.0))
         if decision.changed:
             policy.note_switch(now)
             active = decision.variant
             if decision.kind == "step-up":
                 step_ups.append((now, decision.reason))
-    assert [now for now, _ in step_ups] == [5, 16, 37, 78]  # waits of 5, 10, 20, then 40 s (8 cooldowns at most)
+    assert [now for now, _ in step_ups] == [5, 46, 87]  # each failure: 8 cooldowns (40 s) before the next try
     assert "recent step ups failed" not in step_ups[0][1]
-    assert "(after 40 s: recent step ups failed)" in step_ups[-1][1]
+    assert "(after 10 s: recent step ups failed)" in step_ups[1][1]  # and the wait after a switch doubles
 
 
-def test_a_step_up_that_holds_resets_the_backoff():
-    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25, cooldown_s=5, headroom=0.7))
-    trace = [(0, 40.0, {}), (5, 8.0, {}), (6, 40.0, {}),   # down, up, undone at once: the next wait is 10 s
-             (16, 8.0, {}), (60, 16.0, {}),                 # up again, and it holds
-             (61, 40.0, {}), (66, 8.0, {})]                 # a new episode: down, and up after one cooldown
+def test_a_failed_step_up_goes_again_once_the_pressure_eases_and_one_that_holds_resets_the_backoff():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=40, cooldown_s=5, headroom=0.7))
+    trace = [(0, 60.0, {}),                  # contention: step down to imp-l09 (8 ms at rest)
+             (5, 12.0, {}), (6, 60.0, {}),   # imp-l09 1.5x slower than at rest: up (16 x 1.5 <= 28), undone at once
+             (16, 12.0, {}),                 # the wait (10 s) is over, but the pressure is what the step up failed at
+             (17, 8.0, {}),                  # the pressure eased: up again, and it holds
+             (60, 16.0, {}),
+             (61, 60.0, {}), (66, 8.0, {})]  # a new episode: down, and up after one cooldown
     seen = run_trace(policy, trace, start="imp-l03-structured")
-    assert [kind for _, kind in seen] == ["step-down", "step-up", "step-down", "step-up", "hold", "step-down", "step-up"]
+    assert [kind for _, kind in seen] == ["step-down", "step-up", "step-down", "hold", "step-up", "hold",
+                                          "step-down", "step-up"]
 
 
 def test_warm_and_throttling_board_tightens_the_slo():
