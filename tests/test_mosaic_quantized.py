@@ -37,6 +37,7 @@ def test_every_variant_gets_an_int4_and_an_int8_twin_with_its_own_perplexity(qua
             twin = variants[f"{parent_id}-int{bits}"]
             assert twin.method == f"{parent.method}+int{bits}" and twin.parent == parent_id
             assert twin.details["weight_bits"] == bits and twin.details["quantized_matmuls"] == 2 * 7 + 1
+            assert twin.details["quantized_embedding"] == (bits == 4)  # GatherBlockQuantized takes 4-bit blocks
             assert twin.files["onnx"].bytes < parent.files["onnx"].bytes
             assert twin.files["onnx"].kv_cache == parent.files["onnx"].kv_cache
             assert twin.metrics["perplexity"] != parent.metrics["perplexity"]  # measured, not copied
@@ -71,7 +72,9 @@ def test_a_bad_lm_quantize_value_is_refused_by_the_parser(tmp_path, capsys):
     assert "give int4, int8, int4,int8 or none" in capsys.readouterr().err
 
 
-def test_a_head_tied_to_the_embedding_is_quantized_too(tmp_path):
+@pytest.mark.parametrize("bits, embedding_op, tolerance", [(8, "Gather", 0.05), (4, "GatherBlockQuantized", 0.15)])
+def test_a_head_tied_to_the_embedding_is_quantized_too_and_int4_gathers_the_table_from_4_bit_blocks(
+        tmp_path, bits, embedding_op, tolerance):
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -88,13 +91,16 @@ def test_a_head_tied_to_the_embedding_is_quantized_too(tmp_path):
     ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1))
     export_causal_lm_onnx(model, tmp_path / "tied.onnx", ids)
 
-    result = quantize_weights(tmp_path / "tied.onnx", tmp_path / "tied-int8.onnx", 8)
+    result = quantize_weights(tmp_path / "tied.onnx", tmp_path / f"tied-int{bits}.onnx", bits)
 
     assert result.quantized == 2 * 7 + 1  # the seven projections of both layers and the tied head
-    session = ort.InferenceSession(str(tmp_path / "tied-int8.onnx"), providers=["CPUExecutionProvider"])
+    assert result.embedding_quantized == (bits == 4)
+    graph = onnx.load(str(tmp_path / f"tied-int{bits}.onnx")).graph
+    assert embedding_op in {node.op_type for node in graph.node if "input_ids" in node.input}
+    session = ort.InferenceSession(str(tmp_path / f"tied-int{bits}.onnx"), providers=["CPUExecutionProvider"])
     names = [item.name for item in session.get_inputs()]
     feed = cache_inputs(ids.numpy(), empty_cache(2, KvCache(cache_layers(model))))
     logits = session.run(None, dict(zip(names, feed)))[0]
     with torch.no_grad():
         expected = model(input_ids=ids).logits.numpy()
-    assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
+    assert np.abs(logits - expected).max() < tolerance * np.abs(expected).max()
