@@ -263,6 +263,9 @@ class FleetLink:
             except (RuntimeError, ValueError) as error:
                 log.warning("could not publish offline before stopping: %s", error)
         self._ready = False
+        # paho's network thread may poll once more after the disconnect and log "Client is not
+        # connected" at ERROR: about the connection we are closing, so not worth a user's attention.
+        client.disable_logger()
         client.disconnect()
         client.loop_stop()
         self._acks.put((None, None))
