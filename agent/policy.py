@@ -176,10 +176,16 @@ class Policy:
         if not self._as_good(active, target) and target.id in expected:
             waited = obs.now - self._last_switch
             room = busy.get(target.id) is None or busy[target.id] <= s.headroom * s.max_busy
-            if (waited >= self._step_up_wait() and expected[target.id] <= s.headroom * slo and room
-                    and not self._still_distrusted(target, self._slowdown(obs, active), obs.now)):
+            slowdown = self._slowdown(obs, active)
+            if waited >= self._step_up_wait() and expected[target.id] <= s.headroom * slo and room:
+                if self._still_distrusted(target, slowdown, obs.now):
+                    failed_at, when = self._distrusted[target.id]
+                    now_text = f"{slowdown:.1f}x" if slowdown is not None else "not measured yet"
+                    return Decision(active.id, f"holding {active.id}: a step up to {target.named} failed "
+                                               f"{obs.now - when:.0f} s ago with {active.id} at {failed_at:.1f}x its "
+                                               f"cost, now {now_text}", "hold", False)
                 self._last_step_up = obs.now
-                self._step_up_slowdown = self._slowdown(obs, active)
+                self._step_up_slowdown = slowdown
                 backoff = f" (after {self._step_up_wait():.0f} s: recent step ups failed)" if self._failed_step_ups else ""
                 return self._to(obs, target.id, "step-up", f"headroom: {target.named} expected at "
                                                            f"{expected[target.id]:.1f} ms <= {s.headroom:.0%} of "

@@ -204,6 +204,17 @@ def test_a_failed_step_up_goes_again_once_the_pressure_eases_and_one_that_holds_
                                           "step-down", "step-up"]
 
 
+def test_a_hold_for_a_failed_step_up_says_which_and_at_what_pressure():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=40, cooldown_s=5, headroom=0.7))
+    run_trace(policy, [(0, 60.0, {}), (5, 12.0, {}), (6, 60.0, {})], start="imp-l03-structured")
+
+    decision = policy.decide(observe(16, "imp-l09-structured", 12.0))
+
+    assert decision.kind == "hold" and not decision.changed
+    assert decision.reason == ("holding imp-l09-structured: a step up to imp-l03-structured failed 10 s ago with "
+                               "imp-l09-structured at 1.5x its cost, now 1.5x")
+
+
 def test_warm_and_throttling_board_tightens_the_slo():
     policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=20))
     ok = policy.decide(observe(0, "imp-l03-structured", thermal="ok", temperature_c=55.0))
