@@ -209,10 +209,10 @@ class Policy:
     def _expected_p95(self, obs: Observation, active: Candidate | None, candidates: list[Candidate]
                       ) -> dict[str, float]:
         """Each variant's p95 now: its cost times the active one's live p95 over its cost; the bench p95 at rest."""
-        live = obs.live.p95 is not None and obs.live.count >= self.settings.min_samples
-        if active is None or not active.cost_ms or not live:
+        slowdown = self._slowdown(obs, active) if active is not None else None
+        if slowdown is None:
             return {c.id: c.bench_p95_ms for c in candidates if c.bench_p95_ms is not None}
-        ratio = max(obs.live.p95 / active.cost_ms, 0.5)
+        ratio = max(slowdown, 0.5)
         return {c.id: c.cost_ms * ratio for c in candidates if c.cost_ms is not None}
 
     @staticmethod

@@ -275,7 +275,8 @@ def check_logits(expected: np.ndarray, actual: np.ndarray, path: Path, where: st
     best_two = np.sort(expected, axis=-1)[..., -2:]
     clear = (best_two[..., 1] - best_two[..., 0]) > TIE_RTOL * scale
     flips = int(np.count_nonzero(clear & (expected.argmax(-1) != actual.argmax(-1))))
-    kl = float(np.max(np.sum(np.exp(_log_softmax(expected)) * (_log_softmax(expected) - _log_softmax(actual)), -1)))
+    expected_log_p = log_softmax(expected)
+    kl = float(np.max(np.sum(np.exp(expected_log_p) * (expected_log_p - log_softmax(actual)), -1)))
     if not (diff <= LOGITS_RTOL * scale and flips == 0 and kl <= KL_MAX):  # `not <=` also catches NaN
         raise ExportError(
             f"{where} differs from torch for {path}: max |logit difference| {diff:.3g} (limit {LOGITS_RTOL * scale:.3g}), "
@@ -309,7 +310,8 @@ def _random_cache(batch: int, layers: list[list[int]], past: int) -> list[np.nda
             for heads, head_dim in layers for _ in range(2)]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis, shifted by its maximum so large logits do not overflow."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 

@@ -22,7 +22,7 @@ import torch
 from agent.kv_cache import cache_inputs, empty_cache
 from agent.manifest import KvCache
 from agent.portfolio import Variant, file_entry
-from exporter.mosaic.onnx_export import step_latency_ms
+from exporter.mosaic.onnx_export import log_softmax, step_latency_ms
 from exporter.quantize.lm_weights import quantize_weights
 
 WEIGHT_BITS = (4, 8)
@@ -75,9 +75,7 @@ def _perplexity(session: ort.InferenceSession, windows: np.ndarray, layers: list
     """Like exporter.mosaic.evaluate.perplexity, window by window, on the ONNX file."""
     total, count = 0.0, 0
     for window in windows:
-        logits = _logits(session, window[None], layers)[0, :-1].astype(np.float64)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        log_probs = log_softmax(_logits(session, window[None], layers)[0, :-1].astype(np.float64))
         total -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
     return math.exp(total / count)
