@@ -67,7 +67,7 @@ class Daemon:
         """Policy rounds until stop(); the watchdog is fed only while inference makes progress."""
         interval = self.config.policy.interval_s
         watchdog = watchdog_interval_s()
-        while not self.stop_event.wait(interval):
+        while self.agent.wait_for_round(interval, self.stop_event):
             try:
                 self.agent.step()
             except Exception:  # one bad round (a sensor, a failed switch) must not end the agent
@@ -77,6 +77,7 @@ class Daemon:
 
     def stop(self, *_: object) -> None:
         self.stop_event.set()
+        self.agent.request_round()
 
     def shutdown(self) -> None:
         self.notifier.stopping()

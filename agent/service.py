@@ -24,10 +24,12 @@ from agent.portfolio import Portfolio, PortfolioError
 from agent.profiles import DeviceProfile, serving_threads
 from agent.runtime import InferenceError, InferResult, Runtime, memory_estimate_mb
 from agent.sampling import Sampler
-from agent.stats import LatencySummary
+from agent.stats import LatencySummary, summarize
 from agent.tokenizer import TextCodec, optional_codec, prompt_ids
 
 log = logging.getLogger("edgeshift.agent")
+
+MIN_ROUND_GAP_S = 0.1  # late answers call rounds at most this often: a burst of them is one piece of evidence
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Agent:
         self.policy: Policy | None = None
         self._progress_at = time.monotonic()
         self._steering = threading.RLock()  # policy rounds, switches and portfolio swaps, one at a time
+        self._round_due = threading.Event()  # set by a late answer (or a stop): the next round runs now
 
     # ------------------------------------------------------------------ start-up
 
@@ -191,6 +194,8 @@ class Agent:
     def infer(self, batch: np.ndarray | list[np.ndarray]) -> InferResult:
         result = self._runtime().infer(batch)
         self._progress_at = time.monotonic()
+        if self.policy is not None and result.latency_ms > self.policy.settings.latency_slo_ms:
+            self._round_due.set()
         return result
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -226,6 +231,19 @@ class Agent:
 
     # ------------------------------------------------------------------ steering
 
+    def request_round(self) -> None:
+        """Wake the steering loop now (wait_for_round returns)."""
+        self._round_due.set()
+
+    def wait_for_round(self, interval_s: float, stop: threading.Event) -> bool:
+        """Sleep until the next policy round is due: interval_s, or sooner once an answer came back later than
+        the SLO, so a step down follows the pressure within a few requests. False once stop is set."""
+        if stop.wait(MIN_ROUND_GAP_S):
+            return False
+        self._round_due.wait(max(interval_s - MIN_ROUND_GAP_S, 0.0))
+        self._round_due.clear()
+        return not stop.is_set()
+
     def step(self) -> Decision:
         """One policy round: read resources, decide, swap if needed, record why."""
         with self._steering:
@@ -235,11 +253,13 @@ class Agent:
         runtime, policy = self._runtime(), self.policy
         snapshot = self.monitor.snapshot()
         self.last_snapshot = snapshot
-        live = runtime.windows[runtime.active].summary(since=runtime.activated_at)
-        obs = Observation(time.monotonic(), runtime.active, live,
+        window = runtime.windows[runtime.active]
+        latencies = window.latencies(since=runtime.activated_at)
+        obs = Observation(time.monotonic(), runtime.active, summarize(latencies),
                           thermal_state(snapshot.temperature_c, self.profile.thermal), snapshot.temperature_c,
-                          snapshot.mem_available_mb,
-                          busy=runtime.windows[runtime.active].busy_share(since=runtime.activated_at))
+                          snapshot.mem_available_mb, busy=window.busy_share(since=runtime.activated_at),
+                          recent=window.last(policy.settings.trip_samples, since=runtime.activated_at),
+                          latencies=latencies)
         decision = policy.decide(obs)
         if decision.changed:
             self._switch(decision.variant, decision.reason, kind=decision.kind)

@@ -5,7 +5,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,28 @@ class LatencyWindow:
             busy_ms = sum(ms for t, ms in self._samples if t >= oldest)
         return busy_ms / 1000.0 / (now - oldest)
 
+    def last(self, n: int, since: float | None = None) -> LatencySummary:
+        """Percentiles of the last n requests (fewer when fewer came since `since`): evidence that
+        reacts within a few requests at any rate, where a window of seconds lags by its span."""
+        with self._lock:
+            recent = [ms for t, ms in islice(reversed(self._samples), n) if since is None or t >= since]
+        return summarize(recent)
+
     def summary(self, now: float | None = None, since: float | None = None) -> LatencySummary:
         """Percentiles over the window; `since` (monotonic time) drops older samples, e.g. before a switch."""
+        return summarize(self.latencies(now, since))
+
+    def latencies(self, now: float | None = None, since: float | None = None) -> tuple[float, ...]:
+        """The window's latencies (ms), oldest first; `since` as in summary."""
         now = time.monotonic() if now is None else now
         oldest = now - self.horizon_s if since is None else max(now - self.horizon_s, since)
         with self._lock:
-            values = sorted(ms for t, ms in self._samples if t >= oldest)
-        if not values:
-            return LatencySummary(0, None, None, None)
-        return LatencySummary(len(values), percentile(values, 50), percentile(values, 95), percentile(values, 99))
+            return tuple(ms for t, ms in self._samples if t >= oldest)
+
+
+def summarize(values: Sequence[float]) -> LatencySummary:
+    """Count and percentiles of latencies in any order."""
+    if not values:
+        return LatencySummary(0, None, None, None)
+    ordered = sorted(values)
+    return LatencySummary(len(ordered), percentile(ordered, 50), percentile(ordered, 95), percentile(ordered, 99))

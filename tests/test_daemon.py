@@ -96,3 +96,21 @@ def test_restart_resumes_the_last_active_variant(small_portfolio, tmp_path, noti
     assert last_active == "imp-l01-sparse"
     assert again.agent.active == last_active
     again.shutdown()
+
+
+def test_a_late_answer_calls_the_next_policy_round_at_once(small_portfolio, tmp_path, notify_socket):
+    daemon = daemon_for(small_portfolio, tmp_path, notify_socket[0])
+    daemon.agent.start()
+    try:
+        stop = threading.Event()
+        started = time.monotonic()
+        daemon.agent.infer(daemon.agent.canary[0])  # within the 1 s SLO: no hurry
+        assert daemon.agent.wait_for_round(0.5, stop) and time.monotonic() - started >= 0.5
+        daemon.agent.policy.update(latency_slo_ms=1e-6)  # now every answer is late
+        daemon.agent.infer(daemon.agent.canary[0])
+        started = time.monotonic()
+        assert daemon.agent.wait_for_round(60.0, stop) and time.monotonic() - started < 5.0
+        stop.set()
+        assert not daemon.agent.wait_for_round(60.0, stop)
+    finally:
+        daemon.agent.close()

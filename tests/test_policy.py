@@ -52,6 +52,25 @@ def test_violation_steps_down_at_once_to_what_fits_under_the_measured_slowdown()
     assert "p95 40.0 ms > SLO 25.0 ms" in decision.reason
 
 
+def test_the_last_answers_late_step_down_before_the_window_p95_shows_it():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25))
+    # Contention began a moment ago: 6 of the last 8 answers are late, the 10 s window's p95 is still calm.
+    onset = LatencySummary(8, 55.0, 60.0, 60.0)
+    decision = policy.decide(Observation(100, "imp-l03-structured", live(17.0), recent=onset))
+    assert decision.kind == "step-down"
+    assert decision.variant == "imp-l15-structured"  # slowdown from the recent median: 8 ms * 55/16 > 25 ms
+    assert "the last 8 answers' median 55.0 ms > SLO 25.0 ms" in decision.reason
+
+
+def test_one_late_answer_among_the_last_is_noise_not_a_violation():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=25))
+    policy.note_switch(99)
+    one_late = LatencySummary(8, 16.5, 60.0, 60.0)
+    assert policy.decide(Observation(100, "imp-l03-structured", live(17.0), recent=one_late)).kind == "hold"
+    too_few = LatencySummary(3, 40.0, 40.0, 40.0)  # fewer answers than trip_samples since the switch
+    assert policy.decide(Observation(100, "imp-l03-structured", live(17.0), recent=too_few)).kind == "hold"
+
+
 def test_variants_whose_measured_latencies_overlap_cost_the_same_so_a_violation_does_not_switch_between_them():
     # Three variants of the same architecture: bench ranges (p50 to p95) overlap, the p95 order is noise.
     same_cost = [
@@ -215,6 +234,54 @@ def test_a_hold_for_a_failed_step_up_says_which_and_at_what_pressure():
                                "imp-l09-structured at 1.5x its cost, now 1.5x")
 
 
+# A classifier portfolio with a real trade-off: the cheapest variant is far less accurate.
+TRADE_OFF = [
+    Candidate("x64-int8", quality=0.989, bench_p95_ms=1.6, memory_mb=2, bench_p50_ms=1.4),
+    Candidate("x256-int8", quality=0.967, bench_p95_ms=1.0, memory_mb=1, bench_p50_ms=0.9),
+    Candidate("x1024-int8", quality=0.678, bench_p95_ms=0.7, memory_mb=1, bench_p50_ms=0.45),
+]
+
+
+def test_a_step_down_never_goes_to_a_variant_that_cannot_answer_more_right_in_time():
+    policy = Policy(TRADE_OFF, PolicySettings(latency_slo_ms=3.0))
+    # Contention: 70% of x64-int8's answers in time, so 0.989 x 0.70 = 0.69 right in time. x256 saves 0.5 ms of
+    # cost, 0.7 ms at the median's 1.4x slowdown: all in time (0.967); x1024 at 0.678 cannot beat 0.69 at all.
+    late = (2.0,) * 70 + (3.5,) * 30
+    decision = policy.decide(Observation(100, "x64-int8", live(3.5), latencies=late))
+    assert decision.kind == "step-down" and decision.variant == "x256-int8"
+
+
+def test_with_only_such_variants_cheaper_the_policy_holds_and_says_why():
+    policy = Policy(TRADE_OFF, PolicySettings(latency_slo_ms=3.0))
+    late = (2.0,) * 79 + (6.0,) * 21
+    decision = policy.decide(Observation(100, "x256-int8", live(6.0), latencies=late))
+    assert decision.kind == "hold" and not decision.changed
+    assert decision.reason == ("holding x256-int8: p95 6.0 ms, SLO 3.0 ms; 0.967 accurate with 79% of answers in "
+                               "time, more right in time than x1024-int8 (0.678) is expected to answer")
+
+
+def test_a_step_down_that_would_not_bring_enough_answers_in_time_to_pay_for_its_accuracy_is_not_taken():
+    policy = Policy(TRADE_OFF, PolicySettings(latency_slo_ms=3.0))
+    # x64-int8 at 60% in time (0.59 right in time); its late answers wait out preemptions, 4 ms beyond its
+    # cost, that a cheaper variant would wait out too: x256 and x1024 would answer no more in time.
+    late = (2.0,) * 60 + (6.0,) * 40
+    assert policy.decide(Observation(100, "x64-int8", live(6.0), latencies=late)).kind == "hold"
+
+
+def test_when_the_best_step_up_failed_at_this_pressure_the_next_best_may_serve():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=40, cooldown_s=5, headroom=0.7))
+    run_trace(policy, [(0, 60.0, {}), (5, 12.0, {}), (6, 60.0, {})], start="imp-l03-structured")
+    assert policy.decide(observe(16, "imp-l09-structured", 12.0)).kind == "hold"  # l03 failed; dense costs as much
+    policy.update(latency_slo_ms=60)  # a looser target: l03 would fit on the estimate, but it failed at 1.5x
+    decision = policy.decide(observe(17, "imp-l09-structured", 12.0))
+    assert decision.reason.startswith("holding imp-l09-structured: a step up to imp-l03-structured failed")
+    cheaper_middle = PORTFOLIO + [Candidate("imp-l06-structured", quality=0.975, bench_p95_ms=11.0, memory_mb=20)]
+    policy = Policy(cheaper_middle, PolicySettings(latency_slo_ms=40, cooldown_s=5, headroom=0.7))
+    run_trace(policy, [(0, 60.0, {}), (5, 12.0, {}), (6, 60.0, {})], start="imp-l03-structured")
+    decision = policy.decide(observe(16, "imp-l09-structured", 12.0))
+    assert decision.kind == "step-up" and decision.variant == "imp-l06-structured"  # 11 x 1.5 <= 28 ms
+
+
 def test_warm_and_throttling_board_tightens_the_slo():
     policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=20))
     ok = policy.decide(observe(0, "imp-l03-structured", thermal="ok", temperature_c=55.0))
@@ -261,6 +328,9 @@ def test_latency_window_percentiles_and_horizon():
     assert (summary.count, summary.p50, summary.p95, summary.p99) == (100, 50.0, 95.0, 99.0)
     assert window.summary(now=1020.0).count == 0
     assert window.summary(now=1001.0, since=1000.5).count == 50
+    last = window.last(8)
+    assert (last.count, last.p50, last.p95) == (8, 96.0, 100.0)
+    assert window.last(8, since=1000.965).count == 3
 
 
 def test_busy_share_is_the_time_spent_serving_over_the_window():

@@ -46,7 +46,7 @@ def drive(agent: Agent, schedule: list[Phase], sensors: FakeThermalSensors | Non
     stop = threading.Event()
 
     def steer() -> None:
-        while not stop.wait(STEP_INTERVAL_S):
+        while agent.wait_for_round(STEP_INTERVAL_S, stop):
             agent.step()
             if agent.last_snapshot is not None:
                 seen[replay.phase].add(thermal_state(agent.last_snapshot.temperature_c, agent.profile.thermal))
@@ -62,6 +62,7 @@ def drive(agent: Agent, schedule: list[Phase], sensors: FakeThermalSensors | Non
         play(schedule, sensors, enter, while_waiting)
     finally:
         stop.set()
+        agent.request_round()
         replay.stop()
         steering.join(timeout=5)
         agent.listeners.remove(listener)
