@@ -162,18 +162,29 @@ def test_the_bench_times_a_cached_variant_on_a_decode_step_after_the_sample(cach
     assert len(steps) == 4 and all(shapes[0] == (1, 1) and shapes[2][2] == 7 for shapes in steps)
 
 
-def test_the_export_reads_the_cache_as_it_is_and_fuses_its_norms(cached_dir, models):
-    """Each layer's present key and value feed attention's MatMuls directly (no repeat_kv copy of the
-    cache each step), RMSNorm has no Reciprocal left (onnxruntime fuses its Div form), and the model
-    keeps its own attention implementation after the export."""
+def test_the_export_fuses_each_layers_attention_and_norms(cached_dir, models):
+    """Each layer's attention is one onnxruntime GroupQueryAttention with that layer's own head counts
+    (rotary, the cache append and attention; it gives the layer's present key and value itself), fed
+    q, k and v by one packed MatMul; RMSNorm has no Reciprocal left (onnxruntime fuses its Div form);
+    and the model keeps its own attention implementation after the export."""
     import onnx
 
     for variant_id, model in models.items():
         graph = onnx.load(str(cached_dir / f"variants/{variant_id}.onnx")).graph
-        consumers = {node.op_type for node in graph.node for name in node.input if name.startswith("present.")}
-        assert consumers <= {"MatMul", "Transpose"}, variant_id
-        assert not any(node.op_type == "Reciprocal" for node in graph.node), variant_id
+        fused = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+        producers = {output: node for node in graph.node for output in node.output}
+        assert [node.domain for node in fused] == ["com.microsoft"] * len(model.model.layers), variant_id
+        for index, (node, layer) in enumerate(zip(fused, model.model.layers)):
+            attributes = {item.name: onnx.helper.get_attribute_value(item) for item in node.attribute}
+            head_dim = layer.self_attn.head_dim
+            assert (attributes["num_heads"], attributes["kv_num_heads"]) == (
+                layer.self_attn.q_proj.out_features // head_dim, layer.self_attn.k_proj.out_features // head_dim)
+            assert attributes["do_rotary"] == 1 and not node.input[1] and not node.input[2]  # q, k, v packed
+            assert producers[node.input[0]].op_type == "MatMul"
+            assert list(node.output[1:]) == [f"present.{index}.key", f"present.{index}.value"]
+        assert not any(node.op_type in ("Reciprocal", "Softmax") for node in graph.node), variant_id
         assert model.config._attn_implementation != "edgeshift_grouped"
+        assert not any("forward" in vars(layer.self_attn) for layer in model.model.layers)
 
 
 def test_a_kv_cache_the_file_does_not_have_refuses_the_variant_at_load(cached_dir, tmp_path):

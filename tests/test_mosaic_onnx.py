@@ -114,6 +114,28 @@ def test_a_model_with_different_layer_sizes_exports_each_layers_cache(tmp_path):
         <= FLOAT32_NOISE
 
 
+def test_attention_onnxruntime_cannot_fuse_exports_in_its_eager_form(tmp_path, monkeypatch):
+    """A model whose attention is not one GroupQueryAttention can take (here: its class is not on the list)
+    exports as before: grouped MatMuls that read the cache as it is, and the same logits as torch."""
+    import onnx
+
+    from exporter.mosaic import onnx_export
+
+    monkeypatch.setattr(onnx_export, "FUSED_ATTENTION_CLASSES", ())
+    model = tiny_llama(layers=2)
+
+    difference = export_causal_lm_onnx(model, tmp_path / "eager.onnx", token_ids(2, 8))
+
+    graph = onnx.load(str(tmp_path / "eager.onnx")).graph
+    assert difference <= FLOAT32_NOISE
+    assert not any(node.domain == "com.microsoft" for node in graph.node)
+    assert {node.op_type for node in graph.node for name in node.input if name.startswith("present.")} \
+        <= {"MatMul", "Transpose"}
+    ids = token_ids(2, 9, seed=3)
+    assert np.abs(cached_logits(tmp_path / "eager.onnx", ids, [4, 1, 4]) - torch_logits(model, ids)).max() \
+        <= FLOAT32_NOISE
+
+
 def test_a_correct_export_with_large_logits_passes(tmp_path):
     model = tiny_llama(layers=2)
     with torch.no_grad():  # untied and scaled: logits as large as a real model's

@@ -36,7 +36,7 @@ def test_every_variant_gets_an_int4_and_an_int8_twin_with_its_own_perplexity(qua
         for bits in (4, 8):
             twin = variants[f"{parent_id}-int{bits}"]
             assert twin.method == f"{parent.method}+int{bits}" and twin.parent == parent_id
-            assert twin.details["weight_bits"] == bits and twin.details["quantized_matmuls"] == 2 * 7 + 1
+            assert twin.details["weight_bits"] == bits and twin.details["quantized_matmuls"] == 2 * 5 + 1
             assert twin.details["quantized_embedding"] == (bits == 4)  # GatherBlockQuantized takes 4-bit blocks
             assert twin.files["onnx"].bytes < parent.files["onnx"].bytes
             assert twin.files["onnx"].kv_cache == parent.files["onnx"].kv_cache
@@ -93,7 +93,7 @@ def test_a_head_tied_to_the_embedding_is_quantized_too_and_int4_gathers_the_tabl
 
     result = quantize_weights(tmp_path / "tied.onnx", tmp_path / f"tied-int{bits}.onnx", bits)
 
-    assert result.quantized == 2 * 7 + 1  # the seven projections of both layers and the tied head
+    assert result.quantized == 2 * 5 + 1  # five projections a layer (q, k, v packed) and the head
     assert result.embedding_quantized == (bits == 4)
     graph = onnx.load(str(tmp_path / f"tied-int{bits}.onnx")).graph
     assert embedding_op in {node.op_type for node in graph.node if "input_ids" in node.input}

@@ -140,9 +140,10 @@ def _export(wrapper: nn.Module, example: tuple, layers: list[list[int]], path: P
     batch = torch.export.Dim("batch_size", min=1)
     past = torch.export.Dim("past_sequence_length", min=0)
     cache_dims = tuple({0: batch, 2: past} for _ in range(2 * len(layers)))
-    with _grouped_attention(wrapper.model):
+    with _fused_attention(wrapper.model) as fused:
         torch.onnx.export(
             wrapper, example, str(path), dynamo=True, external_data=False, verbose=False,
+            custom_translation_table=_contrib_translations() if fused else None,
             input_names=[INPUT_IDS, ATTENTION_MASK, *[n for i in range(len(layers)) for n in past_names(i)]],
             output_names=[LOGITS, *[n for i in range(len(layers)) for n in present_names(i)]],
             dynamic_shapes=({0: batch, 1: torch.export.Dim("sequence_length", min=1)},
@@ -341,3 +342,182 @@ def _require_ids(check_ids: torch.Tensor, vocab: int) -> None:
         raise ExportError(f"check_ids has shape {list(check_ids.shape)}: pass at least one sequence of at least one token")
     if int(check_ids.min()) < 0 or int(check_ids.max()) >= vocab:
         raise ExportError(f"check_ids holds ids outside [0, {vocab}): tokenize with the model's own tokenizer")
+
+
+# ---------------------------------------------------------------------------- fused attention (onnxruntime contrib ops)
+
+FUSED_ATTENTION_CLASSES = ("LlamaAttention",)  # packed q/k/v projections, rotary on q and k, attention, o_proj
+_CONTRIB = "com.microsoft"
+_GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+               "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight",
+               "k_norm_weight", "query_seqlens")
+
+
+@torch.library.custom_op("edgeshift::group_query_attention", mutates_args=())
+def _gqa_op(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, bias: torch.Tensor,
+            cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What onnxruntime's GroupQueryAttention computes here, in torch (what the export traces is its shapes).
+
+    qkv [B, S, (H + 2 KV) * D]: q, k and v packed; q and k are rotated (cos, sin [max, D / 2], rotate_half's
+    layout) at their column of the cache, past + s, the new k and v appended to past [B, KV, P, D], and
+    each query head attends causally over its KV head's cache with `bias` [B, 1, S, P + S] added to the
+    scores. -> (output [B, S, H * D], present key, present value [B, KV, P + S, D]).
+    Rotary encodes only positions relative to each other, so a row's left padding shifting every column
+    of it alike changes nothing (the mask's cumulative-sum positions give the same attention).
+    """
+    batch, length, _ = qkv.shape
+    past, head_dim = past_key.shape[2], past_key.shape[3]
+    query, key, value = (part.reshape(batch, length, -1, head_dim).transpose(1, 2) for part in
+                         qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1))
+    c, s = cos[past:past + length], sin[past:past + length]
+
+    def rotate(x):
+        first, second = x.chunk(2, -1)
+        return torch.cat([first * c - second * s, second * c + first * s], -1)
+
+    present_key, present_value = torch.cat([past_key, rotate(key)], 2), torch.cat([past_value, value], 2)
+    keys, values = (tensor.repeat_interleave(heads // kv_heads, 1) for tensor in (present_key, present_value))
+    scores = rotate(query) @ keys.transpose(2, 3) * scale + bias
+    future = torch.ones(length, past + length, dtype=torch.bool).triu(past + 1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    output = (weights @ values).transpose(1, 2).reshape(batch, length, heads * head_dim)
+    return output, present_key, present_value
+
+
+@_gqa_op.register_fake
+def _(qkv, past_key, past_value, bias, cos, sin, heads, kv_heads, scale):
+    batch, length, _ = qkv.shape
+    present = past_key.new_empty((batch, kv_heads, past_key.shape[2] + length, past_key.shape[3]))
+    return qkv.new_empty((batch, length, heads * past_key.shape[3])), present, torch.empty_like(present)
+
+
+def _contrib_translations() -> dict:
+    """The op above as onnxruntime's GroupQueryAttention, for torch.onnx.export's custom_translation_table."""
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    _register_gqa_schema()
+    contrib = Opset(_CONTRIB, 1)
+    int32 = onnx.TensorProto.INT32
+
+    def group_query_attention(qkv, past_key, past_value, bias, cos, sin, heads: int, kv_heads: int, scale: float):
+        # every row attends over its whole cache (seqlens_k = total - 1) and the bias masks its padding, so
+        # left-padded rows work; query_seqlens (S for every row) lets a batch take several tokens after a past
+        batch = op.Shape(qkv, start=0, end=1)
+        total = op.Shape(bias, start=3, end=4)
+        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=int32)
+        query_seqlens = op.Cast(op.Expand(op.Shape(qkv, start=1, end=2), batch), to=int32)
+        return contrib.GroupQueryAttention(
+            qkv, None, None, past_key, past_value, seqlens_k, op.Cast(op.Squeeze(total), to=int32),
+            cos, sin, None, bias, None, None, None, None, None, query_seqlens,
+            num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, _outputs=3)
+
+    return {torch.ops.edgeshift.group_query_attention.default: group_query_attention}
+
+
+def _register_gqa_schema() -> None:
+    """onnx's schema of onnxruntime's GroupQueryAttention (its inputs in onnxruntime's order), which torch's
+    exporter looks up to build the node; onnx itself knows the standard domain only."""
+    from onnx import defs
+
+    try:
+        defs.get_schema("GroupQueryAttention", 1, _CONTRIB)
+        return
+    except defs.SchemaError:
+        pass
+    option, kind = defs.OpSchema.FormalParameterOption, defs.OpSchema.AttrType
+    ints = ("seqlens_k", "total_sequence_length", "position_ids", "query_seqlens")
+    defs.register_schema(defs.OpSchema(
+        "GroupQueryAttention", _CONTRIB, 1,
+        inputs=[defs.OpSchema.FormalParameter(name, "M" if name in ints else "T", param_option=option.Single
+                                              if name in ("query", *ints[:2]) else option.Optional)
+                for name in _GQA_INPUTS],
+        outputs=[defs.OpSchema.FormalParameter(name, "T") for name in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)", "tensor(int64)"], "")],
+        attributes=[defs.OpSchema.Attribute(name, attribute, "") for name, attribute in
+                    (("num_heads", kind.INT), ("kv_num_heads", kind.INT), ("scale", kind.FLOAT),
+                     ("do_rotary", kind.INT))]))
+
+
+def _fusable(model: nn.Module) -> str | None:
+    """Why the model's attention cannot export as onnxruntime's GroupQueryAttention; None when it can."""
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    config = getattr(model, "config", None)
+    if inner is None or rotary is None or config is None or not hasattr(config, "_attn_implementation"):
+        return "not a transformers decoder with a rotary embedding"
+    rope = str(getattr(rotary, "rope_type", "default"))
+    if "dynamic" in rope or rope == "longrope":
+        return f"rope type {rope} changes with the length"
+    if getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    for layer in inner.layers:
+        attention = layer.self_attn
+        if type(attention).__name__ not in FUSED_ATTENTION_CLASSES:
+            return f"attention {type(attention).__name__}"
+        head_dim = int(attention.head_dim)
+        heads, kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
+        if heads < 1 or kv_heads < 1 or heads % kv_heads or head_dim % 2:
+            return f"{heads} query heads of size {head_dim} for {kv_heads} KV heads"
+    return None
+
+
+@contextmanager
+def _fused_attention(model: nn.Module):
+    """Every layer's attention as one onnxruntime GroupQueryAttention while exporting (yields True), or
+    `_grouped_attention`'s eager form where the model does not fit (yields False).
+
+    The op rotates q and k, appends the step's keys and values to the cache and attends over it in one
+    node, fed q, k and v by one MatMul of the three projections' weights stacked (one MatMulNBits in the
+    int4 and int8 twins), as onnxruntime-genai's builder makes it; the eager form runs the reshapes,
+    transposes, rotary arithmetic, Concat, MatMuls and Softmax node by node. The interface is
+    unchanged: the cache stays [batch, kv_heads, past, head_dim] in and past + sequence out, every layer
+    keeps its own head counts, and the mask reaches the op as its additive attention_bias.
+    """
+    if _fusable(model) is not None:
+        with _grouped_attention(model):
+            yield False
+        return
+    inner = model.model
+    attentions = [layer.self_attn for layer in inner.layers]
+    length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    with torch.no_grad():
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
+    if any(cos.shape[-1] != int(attention.head_dim) for attention in attentions):  # partial rotary
+        with _grouped_attention(model):
+            yield False
+        return
+    half = cos.shape[-1] // 2
+    tables = cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+    for attention in attentions:
+        attention.forward = _fused_forward(attention, *tables)
+    try:
+        with _grouped_attention(model):  # its additive float mask is the op's attention_bias
+            yield True
+    finally:
+        for attention in attentions:
+            del attention.forward
+
+
+def _fused_forward(attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor):
+    head_dim = int(attention.head_dim)
+    heads, kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
+    scale = float(getattr(attention, "scaling", head_dim ** -0.5))
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    with torch.no_grad():
+        weight = torch.cat([item.weight for item in projections]).detach().clone()
+        bias = None if all(item.bias is None for item in projections) else torch.cat(
+            [item.bias if item.bias is not None else torch.zeros(item.out_features) for item in projections]).detach()
+
+    def forward(hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or attention_mask is None or attention_mask.dtype == torch.bool:
+            raise ExportError("fused attention needs the cache and an additive mask")
+        layer = cache.layers[attention.layer_idx]
+        output, layer.keys, layer.values = torch.ops.edgeshift.group_query_attention(
+            nn.functional.linear(hidden_states, weight, bias), layer.keys, layer.values, attention_mask,
+            cos, sin, heads, kv_heads, scale)
+        return attention.o_proj(output), None
+
+    return forward
