@@ -114,11 +114,11 @@ def _run(cleanup: ExitStack, portfolio_dir, device, rate_hz, calm_s, stress_s, a
             latencies[r.variant].append(r.model_ms)
     print_fn(_latency_lines(latencies))
     if unlabelled:
-        print_fn(f"{unlabelled}: no comparison with a pinned variant")
+        print_fn(f"{unlabelled}: no comparison with a pinned dense variant")
     else:
-        portfolio = Portfolio.open(source_dir)
-        _compare_with_pinned(portfolio, profile, dense_variant(portfolio, candidates), schedule, run, x, y, rate_hz,
-                             slo, clock, print_fn)
+        dense = dense_variant(portfolio, candidates)
+        _compare_with_dense(Portfolio.open(source_dir), profile, dense, schedule, run, x, y, rate_hz, slo, clock,
+                            print_fn)
     return latencies
 
 
@@ -131,19 +131,19 @@ def _replay_data(portfolio: Portfolio) -> tuple[np.ndarray, np.ndarray | None, s
         return portfolio.samples().inputs[0], None, f"no labelled evaluation data ({error})"
 
 
-def _compare_with_pinned(portfolio: Portfolio, profile: DeviceProfile, best: str, schedule: list[Phase],
-                         adaptive: ServedRun, x: np.ndarray, y: np.ndarray, rate_hz: float, slo: float, clock,
-                         print_fn) -> None:
-    """Serve the same schedule pinned to the dense variant, then both runs side by side."""
+def _compare_with_dense(portfolio: Portfolio, profile: DeviceProfile, dense: str, schedule: list[Phase],
+                        adaptive: ServedRun, x: np.ndarray, y: np.ndarray, rate_hz: float, slo: float, clock,
+                        print_fn) -> None:
+    """Serve the same schedule pinned to dense, then both runs side by side and where the agent's answers came from."""
     print_fn(f"{clock()} the same {sum(p.seconds for p in schedule):g} s again, pinned to the dense variant, "
-             f"{best}, to see what the portfolio and its agent bought")
-    with tempfile.TemporaryDirectory(prefix="edgeshift-demo-pinned-") as scratch:
-        pinned = serve_schedule(portfolio, profile, PolicySettings(latency_slo_ms=slo, pin=best), schedule, x, y,
+             f"{dense}, to see what the portfolio and its agent bought")
+    with tempfile.TemporaryDirectory(prefix="edgeshift-demo-dense-") as scratch:
+        pinned = serve_schedule(portfolio, profile, PolicySettings(latency_slo_ms=slo, pin=dense), schedule, x, y,
                                 rate_hz, Path(scratch) / "sysfs", Path(scratch) / "state", bench_runs=10)
     compared = {p.name for p in schedule}
     rows = [score("adaptive (this run)", [r for r in adaptive.requests if r.phase in compared], slo,
                   len(adaptive.switches)),
-            score(f"pinned {best}", pinned.requests, slo, len(pinned.switches))]
+            score(f"pinned {dense}", pinned.requests, slo, len(pinned.switches))]
     print_fn(score_table(rows))
     served = Counter(r.variant for r in adaptive.requests if r.phase in compared and r.outcome == "answered")
     print_fn(f"{clock()} {_bought(*rows)}; its answers came from " +

@@ -168,7 +168,8 @@ class Policy:
 
         if active is None or active not in fitting_memory:
             return self._to(obs, target.id, "memory", f"{obs.active} does not fit in memory; {target.id} does")
-        tripped = self._recent_median(obs) is not None and self._recent_median(obs) > slo
+        recent_median = self._recent_median(obs)
+        tripped = recent_median is not None and recent_median > slo
         violated = tripped or (obs.live.count >= s.min_samples and obs.live.p95 is not None and obs.live.p95 > slo)
         too_slow = active.id in expected and expected[active.id] > slo
         overloaded = obs.live.count >= s.min_samples and obs.busy is not None and obs.busy > s.max_busy
@@ -271,23 +272,24 @@ class Policy:
             return None
         return latest / active.cost_ms
 
-    def _share_in_time(self, obs: Observation, slo: float) -> float | None:
-        """The active variant's share of answers within the SLO in the window; None on too few answers."""
+    def _share_in_time(self, obs: Observation, limit_ms: float) -> float | None:
+        """The active variant's share of answers within limit_ms in the window; None on too few answers."""
         if len(obs.latencies) < self.settings.min_samples:
             return None
-        return sum(ms <= slo for ms in obs.latencies) / len(obs.latencies)
+        return sum(ms <= limit_ms for ms in obs.latencies) / len(obs.latencies)
 
-    @staticmethod
-    def _could_pay(c: Candidate, active: Candidate, obs: Observation, slo: float, in_time: float | None) -> bool:
-        """Whether stepping down to c is expected to answer more requests right and in time (accuracies in [0, 1])."""
+    def _could_pay(self, c: Candidate, active: Candidate, obs: Observation, slo: float, in_time: float | None
+                   ) -> bool:
+        """Whether stepping down to c is expected to answer more requests right and in time (accuracies in [0, 1]):
+        c would have met the SLO wherever the active variant, `in_time` of the time now, met it plus the cost c
+        saves."""
         if in_time is None or not (0.0 <= c.quality <= 1.0 and 0.0 <= active.quality <= 1.0):
             return True
         if c.cost_ms is None or not active.cost_ms:
             return True
         slowdown = max(percentile(sorted(obs.latencies), 50) / active.cost_ms, 1.0)
         saved_ms = (active.cost_ms - c.cost_ms) * slowdown
-        c_in_time = sum(ms - saved_ms <= slo for ms in obs.latencies) / len(obs.latencies)
-        return (c.quality + c.quality_error) * c_in_time > active.quality * in_time
+        return (c.quality + c.quality_error) * self._share_in_time(obs, slo + saved_ms) > active.quality * in_time
 
     def _recent_median(self, obs: Observation) -> float | None:
         recent = obs.recent

@@ -475,29 +475,29 @@ def _fused_attention(model: nn.Module):
     unchanged: the cache stays [batch, kv_heads, past, head_dim] in and past + sequence out, every layer
     keeps its own head counts, and the mask reaches the op as its additive attention_bias.
     """
-    if _fusable(model) is not None:
-        with _grouped_attention(model):
-            yield False
-        return
-    inner = model.model
-    attentions = [layer.self_attn for layer in inner.layers]
-    length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    with torch.no_grad():
-        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
-    if any(cos.shape[-1] != int(attention.head_dim) for attention in attentions):  # partial rotary
-        with _grouped_attention(model):
-            yield False
-        return
-    half = cos.shape[-1] // 2
-    tables = cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+    tables = _rotary_tables(model) if _fusable(model) is None else None
+    attentions = [layer.self_attn for layer in model.model.layers] if tables is not None else []
     for attention in attentions:
         attention.forward = _fused_forward(attention, *tables)
     try:
-        with _grouped_attention(model):  # its additive float mask is the op's attention_bias
-            yield True
+        with _grouped_attention(model):  # fused: its additive float mask is the op's attention_bias
+            yield tables is not None
     finally:
         for attention in attentions:
             del attention.forward
+
+
+def _rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's rotary cos and sin [max positions, head_dim / 2] as the op takes them; None when the
+    rotary covers only part of each head (the op rotates whole heads)."""
+    inner = model.model
+    length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    with torch.no_grad():
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
+    if any(cos.shape[-1] != int(layer.self_attn.head_dim) for layer in inner.layers):
+        return None
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
 def _fused_forward(attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor):
