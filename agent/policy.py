@@ -6,7 +6,11 @@ on-device benchmark scaled by how much slower the active variant runs now than o
 so CPU contention and throttling move every estimate alike. A violation steps down at once; a
 step up waits for the cooldown and needs headroom, and a step up that pressure undoes within a
 cooldown doubles the next wait (up to 8x), so a policy does not flap on estimates that proved wrong.
-A variant whose step up failed is not stepped up to again, for those 8 cooldowns, unless the active
+While the board throttles there is no step up at all: a costlier variant draws more power on a board
+already capping its clock, and an estimate scaled from a cheaper variant underrates what pressure
+does to a costlier one (in one bench/adaptive.py run, pinned to Reconvene x64 int8 the throttling
+phase answered 71% of requests in time, pinned to x256 int8, 2.5x fewer MACs, 92%). A variant whose
+step up failed is not stepped up to again, for those 8 cooldowns, unless the active
 variant runs measurably faster (relative to its cost) than when that step up was taken: contention
 hurts a costlier variant more than its cost says (longer requests are preempted more), so an
 estimate that proved wrong at one pressure is not trusted again at the same pressure. A pin
@@ -203,9 +207,10 @@ class Policy:
         if not self._as_good(active, target) and target.id in expected:
             waited = obs.now - self._last_switch
             slowdown = self._slowdown(obs, active)
+            throttling = obs.thermal == "throttle"
 
             def may_step_up_to(c: Candidate | None) -> bool:
-                if c is None or self._as_good(active, c) or waited < self._step_up_wait():
+                if c is None or self._as_good(active, c) or waited < self._step_up_wait() or throttling:
                     return False
                 room = busy.get(c.id) is None or busy[c.id] <= s.headroom * s.max_busy
                 return expected.get(c.id, float("inf")) <= s.headroom * slo and room
@@ -219,6 +224,9 @@ class Policy:
                 backoff = f" (after {self._step_up_wait():.0f} s: recent step ups failed)" if self._failed_step_ups else ""
                 return self._to(obs, up.id, "step-up", f"headroom: {up.named} expected at {expected[up.id]:.1f} ms "
                                                        f"<= {s.headroom:.0%} of {slo_text}{backoff}")
+            if throttling and waited >= self._step_up_wait():
+                return Decision(active.id, f"holding {active.id}: the board throttles{_temp(obs)}; no step up to "
+                                           f"{target.named} until it stops", "hold", False)
             if target.id in self._distrusted and may_step_up_to(target):
                 failed_at, when = self._distrusted[target.id]
                 now_text = f"{slowdown:.1f}x" if slowdown is not None else "not measured yet"

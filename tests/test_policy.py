@@ -291,6 +291,14 @@ def test_warm_and_throttling_board_tightens_the_slo():
     assert "throttle 82.0 °C" in throttling.reason
 
 
+def test_a_throttling_board_never_steps_up_even_with_headroom():
+    policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=40, cooldown_s=5))
+    calm = policy.decide(observe(60, "imp-l09-structured", 8.0, thermal="ok"))
+    throttling = policy.decide(observe(60, "imp-l09-structured", 8.0, thermal="throttle", temperature_c=82.0))
+    assert calm.kind == "step-up"
+    assert throttling.kind == "hold" and "throttles 82.0 °C; no step up" in throttling.reason
+
+
 def test_critical_temperature_takes_the_fastest_variant():
     policy = Policy(PORTFOLIO, PolicySettings(latency_slo_ms=50))
     decision = policy.decide(observe(0, "dense", thermal="critical", temperature_c=86.0))

@@ -1,8 +1,11 @@
 """The adaptive agent against every fixed choice: each variant pinned, then the free policy, same schedule.
 
 The SLO comes from this machine: a multiple of the most accurate variant's bench p95. Runs go one
-after another in one process, so they share the machine's noise but not its moment: the free policy
-runs first and last, around the pinned runs, and the worse of its two runs is the one compared.
+after another in one process, so they share the machine's noise but not its moment. So the
+comparison runs in rounds, each serving the free policy and every variant pinned once, in an order
+that reverses every round (the free policy first, then last), and scores each mode over all its
+rounds' requests together: a moment of noise lands on every mode alike, and each mode's per-round
+effective accuracies show how far one run can be trusted.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from agent.profiles import DeviceProfile
 from agent.service import Agent
 
 ADAPTIVE = "adaptive (free policy)"
-ADAPTIVE_FIRST = "adaptive (free policy, first run)"
 DENSE_BUSY = 0.4  # the default rate keeps the dense variant this busy at rest
 MAX_DEFAULT_RATE_HZ = 200.0  # and stays below this: beyond it Python's own per-request cost dominates
 
@@ -30,15 +32,27 @@ class Comparison:
     slo_ms: float
     rate_hz: float
     candidates: list[Candidate]          # most accurate first, with this machine's bench latencies
-    runs: dict[str, ServedRun]           # ADAPTIVE_FIRST, variant ids (pinned), ADAPTIVE: in the order they ran
-    pinned: dict[str, RunScore]          # variant id -> its pinned run's row
-    headline: list[RunScore]             # pinned dense, fastest, best in hindsight, adaptive (the worse run)
-    adaptive_runs: list[RunScore]        # both of the free policy's runs, first and last
+    rounds: list[dict[str, ServedRun]]   # per round, mode (ADAPTIVE or a pinned variant id) -> run, in running order
+    pinned: dict[str, RunScore]          # variant id -> its pinned runs' requests scored together
+    adaptive: RunScore                   # the free policy's runs scored together
+    headline: list[RunScore]             # pinned dense, fastest, best in hindsight, adaptive
+
+    def by_round(self, mode: str) -> list[RunScore]:
+        """The mode's row in each round, in round order."""
+        return [score(f"{mode}, round {number}", run[mode].requests, self.slo_ms, len(run[mode].switches))
+                for number, run in enumerate(self.rounds, start=1)]
+
+    @property
+    def best_pinned(self) -> str:
+        """The variant whose pinned runs answered the most requests right and in time (chosen in hindsight)."""
+        return max(self.pinned, key=lambda vid: self.pinned[vid].effective_accuracy or 0.0)
 
 
 def compare(portfolio_dir: Path, profile: DeviceProfile, schedule: list[Phase], rate_hz: float | None = None,
             slo_factor: float = 3.0, slo_ms: float | None = None, cooldown_s: float = 5.0, bench_runs: int = 50,
-            progress: Callable[[str], None] = lambda line: None) -> Comparison:
+            rounds: int = 2, progress: Callable[[str], None] = lambda line: None) -> Comparison:
+    if rounds < 1:
+        raise ValueError(f"rounds must be 1 or more, got {rounds}")
     portfolio = Portfolio.open(portfolio_dir)
     x, y = portfolio.evaluation_data()
     with tempfile.TemporaryDirectory(prefix="edgeshift-adaptive-") as scratch:
@@ -51,20 +65,33 @@ def compare(portfolio_dir: Path, profile: DeviceProfile, schedule: list[Phase], 
         if rate_hz is None:
             rate_hz = default_rate(portfolio, candidates)
             progress(f"{rate_hz:.0f} requests/s: dense busy at most {DENSE_BUSY:.0%} of the time at rest")
-        runs: dict[str, ServedRun] = {}
-        modes = [ADAPTIVE_FIRST] + [c.id for c in candidates] + [ADAPTIVE]
-        for mode in modes:
-            pin = None if mode in (ADAPTIVE_FIRST, ADAPTIVE) else mode
-            progress(f"run {len(runs) + 1}/{len(modes)}: {'pinned to ' + pin if pin else mode}")
-            settings = PolicySettings(latency_slo_ms=slo, cooldown_s=cooldown_s, pin=pin)
-            runs[mode] = serve_schedule(portfolio, profile, settings, schedule, x, y, rate_hz, sensors_root,
-                                        state_dir, bench_runs)
-    pinned = {vid: score(f"pinned {vid}", runs[vid].requests, slo, len(runs[vid].switches))
-              for vid in runs if vid not in (ADAPTIVE_FIRST, ADAPTIVE)}
-    adaptive_runs = [score(mode, runs[mode].requests, slo, len(runs[mode].switches)) for mode in (ADAPTIVE_FIRST, ADAPTIVE)]
-    worse = replace(min(adaptive_runs, key=lambda row: row.effective_accuracy or 0.0), mode=ADAPTIVE + ", worse run")
-    return Comparison(slo, rate_hz, candidates, runs, pinned, headline_rows(portfolio, candidates, pinned, worse),
-                      adaptive_runs)
+        served: list[dict[str, ServedRun]] = []
+        total = rounds * (len(candidates) + 1)
+        for number in range(rounds):
+            served.append({})
+            for mode in running_order([c.id for c in candidates], number):
+                pin = None if mode == ADAPTIVE else mode
+                progress(f"run {number * (len(candidates) + 1) + len(served[-1]) + 1}/{total} (round {number + 1}): "
+                         f"{'pinned to ' + pin if pin else ADAPTIVE}")
+                settings = PolicySettings(latency_slo_ms=slo, cooldown_s=cooldown_s, pin=pin)
+                served[-1][mode] = serve_schedule(portfolio, profile, settings, schedule, x, y, rate_hz, sensors_root,
+                                                  state_dir, bench_runs)
+    pinned = {c.id: pooled(f"pinned {c.id}", served, c.id, slo) for c in candidates}
+    adaptive = pooled(ADAPTIVE, served, ADAPTIVE, slo)
+    return Comparison(slo, rate_hz, candidates, served, pinned, adaptive,
+                      headline_rows(portfolio, candidates, pinned, adaptive))
+
+
+def running_order(variant_ids: list[str], round_index: int) -> list[str]:
+    """The free policy, then every variant pinned; reversed every other round, so no mode always runs first."""
+    order = [ADAPTIVE, *variant_ids]
+    return order if round_index % 2 == 0 else order[::-1]
+
+
+def pooled(name: str, rounds: list[dict[str, ServedRun]], mode: str, slo_ms: float) -> RunScore:
+    """Every round's requests of one mode scored as one run; switches summed."""
+    return score(name, [r for run in rounds for r in run[mode].requests], slo_ms,
+                 sum(len(run[mode].switches) for run in rounds))
 
 
 def default_rate(portfolio: Portfolio, candidates: list[Candidate]) -> float:
@@ -88,7 +115,7 @@ def headline_rows(portfolio: Portfolio, candidates: list[Candidate], pinned: dic
                   adaptive: RunScore) -> list[RunScore]:
     dense = dense_variant(portfolio, candidates)
     fastest = min(candidates, key=lambda c: c.bench_p50_ms or c.bench_p95_ms).id  # the median: tails are noise
-    hindsight = max(pinned, key=lambda vid: pinned[vid].effective_accuracy)
+    hindsight = max(pinned, key=lambda vid: pinned[vid].effective_accuracy or 0.0)
     return [_renamed(pinned[dense], f"pinned dense ({dense})"), _renamed(pinned[fastest], f"pinned fastest ({fastest})"),
             _renamed(pinned[hindsight], f"pinned best in hindsight ({hindsight})"), adaptive]
 
