@@ -11,7 +11,7 @@ import numpy as np
 
 from agent.backends import Session
 from agent.backends.providers import short_name
-from agent.kv_cache import CachedLmSession, decode_step_inputs
+from agent.kv_cache import CachedLmSession, decode_step
 from agent.stats import LatencySummary, percentile
 
 if TYPE_CHECKING:
@@ -23,18 +23,18 @@ def bench_sessions(sessions: dict[str, Session], sample: list[np.ndarray], runs:
     """Latency per variant at the sample's batch; one run of each per round, so noise hits all alike.
     A causal LM with a key-value cache is timed on a decode step after the sample, what its generations
     are made of."""
-    inputs = {vid: (decode_step_inputs(session, sample[0]) if isinstance(session, CachedLmSession) else sample)
-              for vid, session in sessions.items()}
-    for vid, session in sessions.items():
+    calls = {vid: (decode_step(session, sample[0]) if isinstance(session, CachedLmSession)
+                   else (lambda session=session: session.run(sample))) for vid, session in sessions.items()}
+    for call in calls.values():
         for _ in range(warmup):
-            session.run(inputs[vid])
+            call()
     times: dict[str, list[float]] = {vid: [] for vid in sessions}
     order = list(sessions)
     for round_index in range(runs):
         shift = round_index % len(order)
         for vid in order[shift:] + order[:shift]:
             started = time.perf_counter()
-            sessions[vid].run(inputs[vid])
+            calls[vid]()
             times[vid].append((time.perf_counter() - started) * 1000)
     summaries = {}
     for vid, values in times.items():

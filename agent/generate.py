@@ -1,8 +1,10 @@
 """Text generation on a causal-lm portfolio, one variant for the whole generation.
 
 A variant file with a key-value cache (manifest `kv_cache`) reads the prompt once (the prefill)
-and then one token per step, fed the cache the step before returned, so a step costs the same at
-any length. A file without one (portfolios exported before the cache) is fed the whole sequence
+and then one token per step, fed the cache the step before returned. One whose cache is a shared
+buffer gets every layer's buffers once per generation, sized for the prompt and the new tokens
+(at most the context), and writes each step's positions into them in place: no step copies the
+cache. A file without one (portfolios exported before the cache) is fed the whole sequence
 at every step. The model never sees more than `context_length` tokens: a prompt longer than that
 is refused, and generation stops with stop_reason "length" when the sequence fills the context
 (llama.cpp's server default since it disabled context shift, ggml-org/llama.cpp#15416). Each step
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.kv_cache import empty_cache
+from agent.kv_cache import empty_cache, shared_cache
 from agent.runtime import HeldVariant, InferenceError, Runtime, vocab_size
 from agent.sampling import Sampler, StopStrings
 
@@ -65,7 +67,7 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, e
     stop_reason = "max_tokens"
     started = time.perf_counter()
     with runtime.hold() as held:
-        steps = _CachedSteps(held) if held.kv_cache is not None else _WholeSequenceSteps(held)
+        steps = _steps(held, min(len(ids) + max_new_tokens - 1, context_length))
         logits = steps.first(ids)
         for step in range(max_new_tokens):
             if step > 0:
@@ -87,6 +89,35 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, e
     seconds = time.perf_counter() - started
     text = None if decode is None else stops.cut(decode(new_ids))
     return Generation(ids, new_ids, held.variant, stop_reason, seconds, len(new_ids) / max(seconds, 1e-9), text)
+
+
+def _steps(held: HeldVariant, positions: int):
+    """How the held variant's file runs a generation whose cache holds at most `positions` tokens (the last
+    new token is never fed back)."""
+    if held.kv_cache is None:
+        return _WholeSequenceSteps(held)
+    if held.kv_cache.buffer == "shared":
+        return _SharedBufferSteps(held, positions)
+    return _CachedSteps(held)
+
+
+class _SharedBufferSteps:
+    """The prompt once, then one token per step, each written into the same buffers by the file itself."""
+
+    def __init__(self, held: HeldVariant, positions: int):
+        self.infer = held.in_place(shared_cache(1, held.kv_cache, positions))
+        self.filled = 0
+
+    def first(self, ids: list[int]) -> np.ndarray:
+        return self._run(ids)
+
+    def next(self, ids: list[int]) -> np.ndarray:
+        return self._run(ids[-1:])
+
+    def _run(self, new_ids: list[int]) -> np.ndarray:
+        logits = self.infer(np.asarray([new_ids], dtype=np.int64), self.filled).outputs[0]
+        self.filled += len(new_ids)
+        return logits[0, -1]
 
 
 class _CachedSteps:

@@ -38,6 +38,7 @@ TRANSFORMS = frozenset({"int8", "int4"})
 TASKS = frozenset({"classification", "causal-lm"})
 FORMATS = ("onnx", "tflite")
 LAYOUTS = ("NCHW", "NHWC")
+KV_BUFFERS = ("concat", "shared")  # agent.manifest.KvCache.buffer
 VARIANT_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")  # use with fullmatch
 
 MANIFEST_FILE = "manifest.json"
@@ -84,9 +85,18 @@ class KvCache:
     """A causal-lm file with a key-value cache, in onnxruntime-genai's names: inputs input_ids,
     attention_mask [batch, past + sequence] and past_key_values.{i}.key/.value; outputs logits (new
     positions only) and present.{i}.key/.value. Layer i's cache is [batch, kv_heads, positions, head_dim]
-    float32, from `layers[i]` = [kv_heads, head_dim]: layers of a shrunk model differ."""
+    float32, from `layers[i]` = [kv_heads, head_dim]: layers of a shrunk model differ.
+
+    `buffer` "concat" (every file exported before the field): present has past + sequence positions, a
+    new tensor each call. "shared": the past may also be a buffer longer than what it holds, the
+    attention mask's length (past + sequence) telling how much of it is valid; present is then that
+    buffer with the new positions written at [past, past + sequence), so a caller that passes one array
+    as both past and present (onnxruntime's IOBinding) has it updated in place. A shared file takes no
+    padding (the mask is all ones), several tokens after a past in a batch of one row only, and given a
+    past of exactly its positions answers as a concat one."""
 
     layers: list[list[int]]
+    buffer: str = "concat"
 
 
 @dataclass
@@ -408,7 +418,11 @@ def _kv_cache(node: _Fields | None) -> KvCache | None:
     if not layers or not all(isinstance(layer, list) and len(layer) == 2 and all(_is_int(size) and size > 0
                                                                               for size in layer) for layer in layers):
         raise node.error("layers", "must be a non-empty list of [kv_heads, head_dim] pairs of positive integers")
-    return KvCache(layers=[list(layer) for layer in layers])
+    buffer = node.text("buffer", optional=True)
+    buffer = "concat" if buffer is None else buffer
+    if buffer not in KV_BUFFERS:
+        raise node.error("buffer", f"must be one of {', '.join(KV_BUFFERS)}, got {buffer!r}")
+    return KvCache(layers=[list(layer) for layer in layers], buffer=buffer)
 
 
 def _tokenizer_file(node: _Fields) -> TokenizerFile:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from agent.backends import Backend, BackendError, Session
-from agent.kv_cache import CachedLmSession, cache_inputs
+from agent.kv_cache import CachedLmSession, cache_inputs, in_place, shared_inputs
 from agent.manifest import KvCache
 from agent.portfolio import Portfolio, TensorSpec, Variant
 from agent.stats import LatencyWindow
@@ -104,6 +104,24 @@ class HeldVariant:
                                  f"context of {context}")
         _check_token_ids(ids, "input_ids", vocab_size(runtime.manifest.outputs[0]), context)
         return runtime._run(self._resident, cache_inputs(ids, past))
+
+    def in_place(self, buffers: list[np.ndarray]) -> Callable[[np.ndarray, int], InferResult]:
+        """infer(ids, filled): tokens `ids` [batch, n] after the first `filled` positions of a shared cache's
+        `buffers` (agent.kv_cache.shared_cache), which receive the new positions in place; outputs are
+        [logits]. The buffers are bound to the session once, for every call."""
+        runtime = self._runtime
+        length, context = buffers[0].shape[2], runtime.manifest.language_model.context_length
+        vocab = vocab_size(runtime.manifest.outputs[0])
+        run = in_place(self._resident.session, buffers)
+
+        def infer(ids: np.ndarray, filled: int) -> InferResult:
+            if filled + ids.shape[1] > min(length, context):
+                raise InferenceError(f"{filled} cached and {ids.shape[1]} new tokens are more than the cache's "
+                                     f"{length} positions or the model's context of {context}")
+            _check_token_ids(ids, "input_ids", vocab, context)
+            return runtime._run(self._resident, shared_inputs(ids, filled), run)
+
+        return infer
 
 
 class Runtime:
@@ -222,11 +240,14 @@ class Runtime:
         finally:
             resident.leave()
 
-    def _run(self, resident: _Resident, arrays: list[np.ndarray]) -> InferResult:
-        """One request on a resident the caller has entered; its latency counts toward the variant's window."""
+    def _run(self, resident: _Resident, arrays: list[np.ndarray],
+             run: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None) -> InferResult:
+        """One request on a resident the caller has entered, through `run` (a Session.bound call of its
+        session, `arrays` the inputs it takes) or its session's run(); its latency counts toward the
+        variant's window."""
         started = time.perf_counter()
         try:
-            outputs = resident.session.run(arrays)
+            outputs = (run or resident.session.run)(arrays)
         except Exception:
             self.windows[resident.variant_id].add_error()
             raise

@@ -160,7 +160,7 @@ def _prepare(args, root: Path, wanted: list[str], context: int) -> tuple[str, in
     """Write every runtime's files under `root`: (model name, vocabulary size, runtime -> path, runtime -> why not)."""
     import torch
 
-    from exporter.mosaic.onnx_export import cache_layers, export_causal_lm_onnx
+    from exporter.mosaic.onnx_export import cache_entry, export_causal_lm_onnx
 
     torch.set_num_threads(args.threads)
     model, tokenizer, name = _model(args)
@@ -168,7 +168,7 @@ def _prepare(args, root: Path, wanted: list[str], context: int) -> tuple[str, in
     paths: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     samples = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
-    layers = cache_layers(model)
+    cache = cache_entry(model)
     if any(runtime.startswith("agent") for runtime in wanted):
         dense = root / "dense.onnx"
         difference = export_causal_lm_onnx(model, dense, samples)
@@ -193,8 +193,8 @@ def _prepare(args, root: Path, wanted: list[str], context: int) -> tuple[str, in
                 except QuantizationUnsupported as error:
                     skipped[runtime] = f"quantize_weights failed: {error}"
                     continue
-                diff, logits = 1e-3, _onnx_logits(portfolio / "model.onnx", samples.numpy(), layers)
-            _portfolio(portfolio, samples.numpy(), logits, diff, layers, vocab, params, context)
+                diff, logits = 1e-3, _onnx_logits(portfolio / "model.onnx", samples.numpy(), cache)
+            _portfolio(portfolio, samples.numpy(), logits, diff, cache, vocab, params, context)
             paths[runtime] = portfolio
     if "transformers" in wanted or any(runtime.startswith("genai") for runtime in wanted):
         checkpoint = root / "checkpoint"
@@ -237,25 +237,23 @@ def _model(args):
     return model.eval(), tokenizer, path.name
 
 
-def _onnx_logits(path: Path, ids, layers):
+def _onnx_logits(path: Path, ids, cache):
     import onnxruntime as ort
 
     from agent.kv_cache import cache_inputs, empty_cache
-    from agent.manifest import KvCache
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [item.name for item in session.get_inputs()]
-    return session.run(None, dict(zip(names, cache_inputs(ids, empty_cache(len(ids), KvCache(layers))))))[0]
+    return session.run(None, dict(zip(names, cache_inputs(ids, empty_cache(len(ids), cache)))))[0]
 
 
-def _portfolio(root: Path, samples, expected, difference: float, layers, vocab: int, params: int, context: int) -> None:
-    from agent.manifest import KvCache
+def _portfolio(root: Path, samples, expected, difference: float, cache, vocab: int, params: int, context: int) -> None:
     from agent.portfolio import (
         LanguageModel, Manifest, TensorSpec, Variant, file_entry, save_samples, write_manifest,
     )
 
     entry = file_entry(root, "model.onnx", difference)
-    entry.kv_cache = KvCache(layers)
+    entry.kv_cache = cache
     save_samples(root, [samples], {"dense": expected})
     write_manifest(root, Manifest(
         name="bench", task="causal-lm", inputs=[TensorSpec("input_ids", "int64", [-1, -1])],

@@ -1,5 +1,6 @@
 """Generation with a key-value cache: exported tiny Llamas (one with per-layer head counts) served
-by the agent give, token for token, what greedy decoding over the whole sequence gives in torch."""
+by the agent give, token for token, what greedy decoding over the whole sequence gives in torch,
+whether their cache is one shared buffer written in place or (older files) grows by concatenation."""
 import json
 import shutil
 
@@ -14,6 +15,7 @@ from test_mosaic_structure import tiny_llama, token_ids  # noqa: E402
 
 from agent.backends import BackendError  # noqa: E402
 from agent.backends.onnx import OnnxRuntimeBackend  # noqa: E402
+from agent.kv_cache import CachedLmSession, in_place, shared_cache, shared_inputs  # noqa: E402
 from agent.manifest import KvCache  # noqa: E402
 from agent.policy import PolicySettings  # noqa: E402
 from agent.portfolio import (  # noqa: E402
@@ -22,7 +24,7 @@ from agent.portfolio import (  # noqa: E402
 from agent.profiles import load_profile  # noqa: E402
 from agent.runtime import InferenceError, Runtime  # noqa: E402
 from agent.service import Agent  # noqa: E402
-from exporter.mosaic.onnx_export import cache_layers, export_causal_lm_onnx  # noqa: E402
+from exporter.mosaic.onnx_export import cache_entry, export_causal_lm_onnx  # noqa: E402
 
 CONTEXT = 40
 PROMPT = token_ids(1, 6, seed=7)[0].tolist()
@@ -35,7 +37,7 @@ def build_cached_portfolio(root, models: dict) -> None:
     for variant_id, model in models.items():
         relpath = f"variants/{variant_id}.onnx"
         entry = file_entry(root, relpath, export_causal_lm_onnx(model, root / relpath, samples))
-        entry.kv_cache = KvCache(cache_layers(model))
+        entry.kv_cache = cache_entry(model)
         params = sum(p.numel() for p in model.parameters())
         variants.append(Variant(id=variant_id, method="dense" if not variants else "mosaic-composite",
                                 parent=None if not variants else variants[0].id, density=1.0, params=params,
@@ -149,29 +151,123 @@ def test_the_bench_times_a_cached_variant_on_a_decode_step_after_the_sample(cach
 
     runtime = Runtime(Portfolio.open(cached_dir), OnnxRuntimeBackend(), threads=1)
     session = runtime.open_session("dense")
-    calls = []
-    run = session.run
-    session.run = lambda inputs: calls.append([a.shape for a in inputs]) or run(inputs)
+    bindings, calls = [], []
+
+    def bound(into, fixed):
+        bindings.append((into, fixed))
+        run = CachedLmSession.bound(session, into, fixed)
+        return lambda inputs: calls.append(inputs) or run(inputs)
+
+    session.bound = bound
     sample = [token_ids(1, 8).numpy()]
     try:
         bench_sessions({"dense": session}, sample, runs=3, warmup=1)
     finally:
         session.close()
+    # once: every layer's buffer, one more position than the prompt, as both its past and its present
+    [(into, fixed)] = bindings
+    assert into[1].shape == (1, 2, 8, 16) and all(fixed[index + 1] is buffer for index, buffer in into.items())
     prefill, *steps = calls
-    assert prefill[0] == (1, 7) and prefill[2] == (1, 2, 0, 16)  # the sample's prompt, from an empty cache
-    assert len(steps) == 4 and all(shapes[0] == (1, 1) and shapes[2][2] == 7 for shapes in steps)
+    assert [array.shape for array in prefill] == [(1, 7), (1, 7)]  # the sample's prompt
+    assert [[array.shape for array in inputs] for inputs in steps] == [[(1, 1), (1, 8)]] * 4  # its last token
+
+
+def test_a_generation_allocates_its_shared_buffers_once_sized_for_it(agent, models, monkeypatch):
+    from agent import generate as generate_module
+
+    allocated = []
+
+    def recording(batch, cache, length):
+        allocated.append(shared_cache(batch, cache, length))
+        return allocated[-1]
+
+    monkeypatch.setattr(generate_module, "shared_cache", recording)
+    agent.switch("composite", "test")
+
+    result = agent.generate(PROMPT, max_new_tokens=8)
+    capped = agent.generate(token_ids(1, CONTEXT - 3, seed=3)[0].tolist(), max_new_tokens=10)
+
+    assert result.new_ids == torch_greedy(models["composite"], PROMPT, 8) and capped.stop_reason == "length"
+    assert len(allocated) == 2  # one set for each generation, its prefill and every step
+    # the prompt and the 7 new tokens fed back (composite's first layer has one KV head), then the context
+    assert [buffers[0].shape for buffers in allocated] == [(1, 1, len(PROMPT) + 7, 16), (1, 1, CONTEXT, 16)]
+    # every layer's key and value of the last token fed back went into the buffer allocated for the generation
+    assert all(np.count_nonzero(buffer[0, :, -1]) for buffers in allocated for buffer in buffers)
+
+
+def test_the_onnxruntime_session_writes_a_bound_buffer_in_place(cached_dir):
+    runtime = Runtime(Portfolio.open(cached_dir), OnnxRuntimeBackend(), threads=1)
+    session = runtime.open_session("dense")
+    session.session.run = None  # bound calls go through onnxruntime's IOBinding, not run() and a copy
+    try:
+        buffers = shared_cache(1, session.cache, 9)
+        run = in_place(session, buffers)
+        first = run(shared_inputs(token_ids(1, 5).numpy(), 0))
+        written = [buffer[:, :, :5].copy() for buffer in buffers]
+        second = run(shared_inputs(token_ids(1, 1).numpy(), 5))
+    finally:
+        session.close()
+    assert [output.shape for output in first + second] == [(1, 5, 128), (1, 1, 128)]  # the logits only
+    assert all(np.array_equal(buffer[:, :, :5], before) for buffer, before in zip(buffers, written))
+    assert all(buffer[:, :, 5].any() and not buffer[:, :, 6:].any() for buffer in buffers)
+
+
+@pytest.mark.parametrize("written_before", ["an export whose attention does not fuse", "a manifest without buffer"])
+def test_a_cache_not_described_as_shared_grows_by_concatenation_as_before(tmp_path, models, monkeypatch,
+                                                                          written_before):
+    from agent import generate as generate_module
+    from exporter.mosaic import onnx_export
+
+    if written_before == "an export whose attention does not fuse":
+        monkeypatch.setattr(onnx_export, "FUSED_ATTENTION_CLASSES", ())
+    build_cached_portfolio(tmp_path, {"dense": models["dense"]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    buffer = manifest["variants"][0]["files"]["onnx"]["kv_cache"].pop("buffer")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # as manifests were before the field
+    monkeypatch.setattr(generate_module, "shared_cache", None)  # no buffer may be allocated
+    agent = started(tmp_path)
+    try:
+        result = agent.generate(PROMPT, max_new_tokens=24)
+        assert agent.runtime.kv_cache("dense") == KvCache(cache_entry(models["dense"]).layers, "concat")
+    finally:
+        agent.close()
+
+    assert buffer == ("concat" if written_before.startswith("an export") else "shared")
+    assert result.new_ids == torch_greedy(models["dense"], PROMPT, 24)
+
+
+def test_a_file_that_appends_to_its_cache_is_refused_when_described_as_shared(tmp_path, models, monkeypatch):
+    from exporter.mosaic import onnx_export
+
+    monkeypatch.setattr(onnx_export, "FUSED_ATTENTION_CLASSES", ())
+    build_cached_portfolio(tmp_path, {"dense": models["dense"]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["variants"][0]["files"]["onnx"]["kv_cache"]["buffer"] = "shared"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    runtime = Runtime(Portfolio.open(tmp_path), OnnxRuntimeBackend(), threads=1)
+
+    with pytest.raises(BackendError, match=r"variant 'dense' does not (take|give) the kv_cache its manifest entry "
+                                           r"describes \(2 layers\)"):
+        runtime.open_session("dense")
 
 
 def test_the_export_fuses_each_layers_attention_and_norms(cached_dir, models):
     """Each layer's attention is one onnxruntime GroupQueryAttention with that layer's own head counts
     (rotary, the cache append and attention; it gives the layer's present key and value itself), fed
-    q, k and v by one packed MatMul; RMSNorm has no Reciprocal left (onnxruntime fuses its Div form);
-    and the model keeps its own attention implementation after the export."""
+    q, k and v by one packed MatMul, the sequence lengths (from the mask, no attention bias) computed once
+    for all layers; every residual Add and the RMSNorm after it are one SkipSimplifiedLayerNormalization,
+    the first norm has no Reciprocal left (onnxruntime fuses its Div form); and the model keeps its own
+    attention implementation after the export."""
     import onnx
 
     for variant_id, model in models.items():
         graph = onnx.load(str(cached_dir / f"variants/{variant_id}.onnx")).graph
         fused = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+        assert len({tuple(node.input[5:7]) for node in fused}) == 1 and {len(node.input) for node in fused} == {9}
+        skip_norms = [node for node in graph.node if node.op_type == "SkipSimplifiedLayerNormalization"]
+        assert len(skip_norms) == 2 * len(model.model.layers) and not any(
+            node.op_type == "Add" and node.domain == "" and len(node.input) == 2
+            and all(name not in {i.name for i in graph.initializer} for name in node.input) for node in graph.node)
         producers = {output: node for node in graph.node for output in node.output}
         assert [node.domain for node in fused] == ["com.microsoft"] * len(model.model.layers), variant_id
         for index, (node, layer) in enumerate(zip(fused, model.model.layers)):
@@ -207,9 +303,15 @@ def test_a_malformed_kv_cache_refuses_the_manifest(cached_dir, tmp_path):
     def break_layers(manifest):
         manifest["variants"][0]["files"]["onnx"]["kv_cache"] = {"layers": [[0, 16]]}
 
+    def unknown_buffer(manifest):
+        manifest["variants"][0]["files"]["onnx"]["kv_cache"]["buffer"] = "ring"
+
     with pytest.raises(PortfolioError, match=r"variants\[0\].files.onnx.kv_cache.layers must be a non-empty list of "
                                              r"\[kv_heads, head_dim\] pairs"):
-        Portfolio.open(rewritten(cached_dir, tmp_path, break_layers), verify=False)
+        Portfolio.open(rewritten(cached_dir, tmp_path / "layers", break_layers), verify=False)
+    with pytest.raises(PortfolioError, match=r"variants\[0\].files.onnx.kv_cache.buffer must be one of concat, "
+                                             r"shared, got 'ring'"):
+        Portfolio.open(rewritten(cached_dir, tmp_path / "buffer", unknown_buffer), verify=False)
 
 
 @pytest.mark.slow

@@ -11,11 +11,12 @@ ort = pytest.importorskip("onnxruntime")
 
 from test_mosaic_structure import input_sq_norms, scale_head_group, smollm2, tiny_llama, token_ids  # noqa: E402
 
-from agent.kv_cache import cache_inputs, empty_cache  # noqa: E402
+from agent.backends.onnx import OnnxRuntimeSession  # noqa: E402
+from agent.kv_cache import cache_inputs, empty_cache, in_place, shared_cache, shared_inputs  # noqa: E402
 from agent.manifest import KvCache  # noqa: E402
 from exporter.errors import ExportError  # noqa: E402
 from exporter.mosaic.onnx_export import (  # noqa: E402
-    cache_layers, check_causal_lm_onnx, check_logits, export_causal_lm_onnx,
+    cache_entry, cache_layers, check_causal_lm_onnx, check_logits, export_causal_lm_onnx,
 )
 from exporter.mosaic.structure import remove_dead_structure, shrink_layer  # noqa: E402
 
@@ -77,13 +78,46 @@ def test_exported_logits_match_torch_at_any_batch_length_and_cache(exported):
                                                        "present.1.key", "present.1.value"]
     assert session.get_inputs()[2].shape[1:] == [2, "past_sequence_length", 16]  # GQA: 2 KV heads, not 4
     assert session.get_outputs()[0].shape[2] == 128
-    for batch, seq, chunks in ((1, 1, [1]), (3, 40, [40]), (1, 12, [5, 1, 1, 5]), (2, 6, [1, 1, 1, 3])):
+    # several tokens after a past in one row only, as onnxruntime's GroupQueryAttention takes them
+    for batch, seq, chunks in ((1, 1, [1]), (3, 40, [40]), (1, 12, [5, 1, 1, 5]), (2, 6, [3, 1, 1, 1])):
         ids = token_ids(batch, seq, seed=batch + seq)
         assert np.abs(cached_logits(path, ids, chunks) - torch_logits(model, ids)).max() <= FLOAT32_NOISE
 
 
-def test_a_left_padded_row_answers_as_if_unpadded(exported):
+def in_place_logits(path, cache: KvCache, ids: torch.Tensor, chunks: list[int], length: int) -> np.ndarray:
+    """The file's logits for `ids` fed in chunks of these lengths into one shared buffer of `length` positions
+    per layer, bound as both past and present (what the agent does)."""
+    session = OnnxRuntimeSession(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path, "lm")
+    buffers = shared_cache(len(ids), cache, length)
+    run = in_place(session, buffers)
+    logits, start = [], 0
+    for size in chunks:
+        [step] = run(shared_inputs(ids[:, start:start + size].numpy(), start))
+        logits.append(step)
+        start += size
+    assert not any(buffer[:, :, start:].any() for buffer in buffers)  # nothing written after the sequence
+    return np.concatenate(logits, axis=1)
+
+
+def test_the_cache_may_be_one_buffer_longer_than_the_sequence_written_in_place(exported):
     model, path, _ = exported
+
+    assert cache_entry(model) == KvCache(cache_layers(model), "shared")
+    for batch, seq, chunks, length in ((1, 12, [5, 1, 1, 5], 12), (1, 9, [8, 1], 30), (3, 7, [4, 1, 1, 1], 10)):
+        ids = token_ids(batch, seq, seed=batch + seq)
+        assert np.abs(in_place_logits(path, cache_entry(model), ids, chunks, length)
+                      - torch_logits(model, ids)).max() <= FLOAT32_NOISE
+
+
+def test_a_left_padded_row_answers_as_if_unpadded_in_a_file_that_concatenates(tmp_path, monkeypatch):
+    """Left padding is for files whose cache grows by concatenation (their attention does not fuse); a
+    shared-buffer file reads each row's length from the mask, as onnxruntime-genai's models do."""
+    from exporter.mosaic import onnx_export
+
+    monkeypatch.setattr(onnx_export, "FUSED_ATTENTION_CLASSES", ())
+    model, path = tiny_llama(layers=2), tmp_path / "eager.onnx"
+    export_causal_lm_onnx(model, path, token_ids(2, 8))
+    assert cache_entry(model).buffer == "concat"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [item.name for item in session.get_inputs()]
     ids = token_ids(2, 5, seed=4).numpy()
@@ -127,7 +161,7 @@ def test_attention_onnxruntime_cannot_fuse_exports_in_its_eager_form(tmp_path, m
     difference = export_causal_lm_onnx(model, tmp_path / "eager.onnx", token_ids(2, 8))
 
     graph = onnx.load(str(tmp_path / "eager.onnx")).graph
-    assert difference <= FLOAT32_NOISE
+    assert difference <= FLOAT32_NOISE and cache_entry(model) == KvCache(cache_layers(model), "concat")
     assert not any(node.domain == "com.microsoft" for node in graph.node)
     assert {node.op_type for node in graph.node for name in node.input if name.startswith("present.")} \
         <= {"MatMul", "Transpose"}

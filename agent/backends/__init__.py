@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +34,24 @@ class Session(ABC):
     @abstractmethod
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """The model's outputs for `inputs`, given in the manifest's layout and dtype, any batch size >= 1."""
+
+    def bound(self, into: dict[int, np.ndarray], fixed: dict[int, np.ndarray] | None = None
+              ) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        """A run() for repeated calls: output i is written into the array into[i] and input i is always
+        fixed[i]; the function returned takes the other inputs and returns the other outputs, in order. An
+        array both fixed and into is one buffer: a runtime that binds memory (onnxruntime) updates it in
+        place and sets up once what the calls share; here each call runs run() and copies the outputs in."""
+        fixed = fixed or {}
+
+        def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+            given = iter(inputs)
+            outputs = self.run([fixed[index] if index in fixed else next(given)
+                                for index in range(len(fixed) + len(inputs))])
+            for index, array in into.items():
+                np.copyto(array, outputs[index])
+            return [output for index, output in enumerate(outputs) if index not in into]
+
+        return run
 
     @abstractmethod
     def close(self) -> None:

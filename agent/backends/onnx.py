@@ -104,24 +104,89 @@ class OnnxRuntimeSession(Session):
         self.provider = session.get_providers()[0]
         self._input_names = [spec.name for spec in session.get_inputs()]
         self._input_dtypes = [_NUMPY_DTYPES.get(spec.type) for spec in session.get_inputs()]
+        self._input_shapes = [spec.shape for spec in session.get_inputs()]
+        self._outputs = [(spec.name, spec.shape, _NUMPY_DTYPES.get(spec.type)) for spec in session.get_outputs()]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        session, feed = self._open(), self._feed(inputs)
+        try:
+            return list(session.run(None, feed))
+        except Exception as error:
+            raise BackendError(f"{self.path}: onnxruntime failed on variant '{self.variant_id}' ({error})") from None
+
+    def bound(self, into: dict[int, np.ndarray], fixed: dict[int, np.ndarray] | None = None
+              ) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        """On the CPU, one IOBinding for every call: the fixed inputs and into's outputs are bound once,
+        where they lie, so an array that is both is one buffer to the model (a shared KV cache, written in
+        place); a call binds only its own inputs, and the other outputs go to new arrays sized from the
+        inputs' named dimensions. Another provider would copy host memory to its device and back anyway,
+        and an output sized by no input needs onnxruntime to allocate it: run() and a copy."""
+        fixed = fixed or {}
+        others = [index for index in range(len(self._outputs)) if index not in into]
+        sizes = {index: self._sized_by_inputs(index) for index in others}
+        if self.provider != CPU or any(size is None for size in sizes.values()):
+            return super().bound(into, fixed)
+        for index, array in into.items():
+            if not (array.flags.c_contiguous and array.flags.writeable) or array.dtype != np.float32:
+                raise BackendError(f"{self.path}: output {index} must go to a writable, contiguous float32 array")
+        binding = self._open().io_binding()
+        for index, array in into.items():
+            binding.bind_output(self._outputs[index][0], "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        bound = {index: np.ascontiguousarray(array, dtype=self._input_dtypes[index]) for index, array in fixed.items()}
+        for index, array in bound.items():  # kept in `bound` while the binding reads them
+            binding.bind_cpu_input(self._input_names[index], array)
+        free = [index for index in range(len(self._input_names)) if index not in fixed]
+
+        def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+            session = self._open()
+            if len(inputs) != len(free):
+                raise BackendError(f"{self.path}: variant '{self.variant_id}' takes {len(free)} input(s) besides "
+                                   f"the bound ones, got {len(inputs)}")
+            arrays = dict(bound)
+            outputs = []
+            try:
+                for index, array in zip(free, inputs):
+                    arrays[index] = np.ascontiguousarray(array, dtype=self._input_dtypes[index])
+                    binding.bind_cpu_input(self._input_names[index], arrays[index])
+                for index in others:  # new arrays each call: the caller keeps the last ones
+                    name, _, dtype = self._outputs[index]
+                    shape = [size if axis is None else arrays[size].shape[axis] for size, axis in sizes[index]]
+                    outputs.append(np.empty(shape, dtype))
+                    binding.bind_output(name, "cpu", 0, dtype, shape, outputs[-1].ctypes.data)
+                session.run_with_iobinding(binding)
+            except Exception as error:
+                raise BackendError(f"{self.path}: onnxruntime failed on variant '{self.variant_id}' ({error})") from None
+            return outputs
+
+        return run
+
+    def _sized_by_inputs(self, output: int) -> list[tuple[int, int | None]] | None:
+        """How to size output `output` from a call's inputs, as (input, axis) per dimension, (size, None) for a
+        fixed one; None when a dimension is named by no input."""
+        _, shape, dtype = self._outputs[output]
+        if dtype is None:
+            return None
+        named = {dim: (index, axis) for index, dims in reversed(list(enumerate(self._input_shapes)))
+                 for axis, dim in enumerate(dims) if isinstance(dim, str)}
+        sizes = [named.get(dim) if isinstance(dim, str) else (dim, None) for dim in shape]
+        return None if any(size is None or size == (None, None) for size in sizes) else sizes
+
+    def _open(self) -> Any:
         session = self._session  # a local reference keeps it alive through a concurrent close()
         if session is None:
             raise BackendError(f"{self.path}: session for variant '{self.variant_id}' is closed")
+        return session
+
+    def _feed(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) != len(self._input_names):
             raise BackendError(
                 f"{self.path}: variant '{self.variant_id}' takes {len(self._input_names)} input(s), "
                 f"got {len(inputs)}"
             )
-        feed = {
+        return {
             name: np.asarray(array, dtype=dtype)
             for name, dtype, array in zip(self._input_names, self._input_dtypes, inputs)
         }
-        try:
-            return list(session.run(None, feed))
-        except Exception as error:
-            raise BackendError(f"{self.path}: onnxruntime failed on variant '{self.variant_id}' ({error})") from None
 
     def close(self) -> None:
         self._session = None

@@ -10,6 +10,13 @@ Batch, sequence and past are dynamic; past 0 is the prefill (zero-size cache ten
 onnxruntime takes). Each layer keeps its own key-value head count (GQA heads are not repeated in
 the cache) and head size, so a shrunk Mosaic model exports as is. Positions come from the
 attention mask (cumulative sum - 1, as transformers' generate does), so left padding works.
+
+A model whose attention exports as onnxruntime's GroupQueryAttention (the manifest's kv_cache buffer
+"shared", `cache_entry`) also takes as past a buffer longer than past + sequence: its valid length is
+the attention mask's, and present is the same buffer with the new positions written in, so past and
+present bound to one array (agent.kv_cache) make a decode step that copies no cache. Such a file reads
+each row's length from the mask as onnxruntime-genai's models do: no padding, and several tokens after
+a past in a batch of one row only.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from agent.kv_cache import cache_inputs, empty_cache
+from agent.backends.onnx import OnnxRuntimeSession
+from agent.kv_cache import cache_inputs, empty_cache, in_place, shared_cache, shared_inputs
 from agent.manifest import KvCache
 from exporter.errors import ExportError
 from exporter.export import eval_mode, run_quietly
@@ -51,6 +59,11 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
+def cache_entry(model: nn.Module) -> KvCache:
+    """The manifest's kv_cache of the file export_causal_lm_onnx writes for `model`."""
+    return KvCache(cache_layers(model), "shared" if _fused_tables(model) is not None else "concat")
+
+
 def cache_layers(model: nn.Module) -> list[list[int]]:
     """[kv_heads, head_dim] of every layer's cache: what the manifest's kv_cache lists."""
     layers = []
@@ -72,11 +85,15 @@ class _CachedLm(nn.Module):
         self.cache_type = DynamicCache
         # transformers 5 renamed the argument past_key_values to cache
         self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.fused_attention = False  # set while the attention exports fused (_export)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]):
         cache = self.cache_type(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        # transformers sizes its mask by the cache tensors' length, which for a shared buffer is not the valid
+        # length: the fused attention reads the attention mask itself (a 4-D mask passes transformers as is)
+        mask = attention_mask[:, None, None, :] if self.fused_attention else attention_mask
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self.cache_argument: cache}).logits
         return (logits, *[tensor for layer in cache.layers for tensor in (layer.keys, layer.values)])
 
@@ -108,7 +125,10 @@ def check_causal_lm_onnx(model: nn.Module, path: Path, check_ids: torch.Tensor) 
 
     In onnxruntime: a prefill of `check_ids`, and on a second batch (one more row, three more
     tokens) a prefill, a two-token chunk and a one-token step, each fed the presents of the call
-    before. ExportError when the logits differ (check_logits) or the file's sizes are not dynamic.
+    before. For a shared cache (cache_entry) the second batch takes its three tokens one by one,
+    and its first row the prefill, two and one in place in buffers two positions longer than it,
+    as the agent decodes. ExportError when the logits differ (check_logits) or the file's sizes are
+    not dynamic.
     """
     path = Path(path)
     vocab = _vocab_size(model)
@@ -130,9 +150,17 @@ def check_causal_lm_onnx(model: nn.Module, path: Path, check_ids: torch.Tensor) 
                           "check that the model has no shape-dependent Python control flow")
     prefill = _run_cached(session, path, check_ids.numpy(), layers, [seq])
     differences = [check_logits(expected[0], prefill, path, f"ONNX prefill of input_ids {list(check_ids.shape)}")]
-    steps = _run_cached(session, path, other_ids.numpy(), layers, [seq, 2, 1])
-    differences.append(check_logits(expected[1], steps, path,
-                                    f"ONNX prefill of {seq} tokens, then 2, then 1 (batch {batch + 1})"))
+    if cache_entry(model).buffer == "shared":  # several tokens after a past in one row only
+        steps = _run_cached(session, path, other_ids.numpy(), layers, [seq, 1, 1, 1])
+        differences.append(check_logits(expected[1], steps, path, f"ONNX prefill of {seq} tokens, then 1, 1 and 1 "
+                                                                  f"(batch {batch + 1})"))
+        steps = _run_in_place(session, path, other_ids[:1].numpy(), layers, [seq, 2, 1])
+        differences.append(check_logits(expected[1][:1], steps, path, f"ONNX prefill of {seq} tokens, then 2, then 1 "
+                                                                      "in a shared cache buffer"))
+    else:
+        steps = _run_cached(session, path, other_ids.numpy(), layers, [seq, 2, 1])
+        differences.append(check_logits(expected[1], steps, path,
+                                        f"ONNX prefill of {seq} tokens, then 2, then 1 (batch {batch + 1})"))
     return max(differences)
 
 
@@ -141,6 +169,7 @@ def _export(wrapper: nn.Module, example: tuple, layers: list[list[int]], path: P
     past = torch.export.Dim("past_sequence_length", min=0)
     cache_dims = tuple({0: batch, 2: past} for _ in range(2 * len(layers)))
     with _fused_attention(wrapper.model) as fused:
+        wrapper.fused_attention = fused
         torch.onnx.export(
             wrapper, example, str(path), dynamo=True, external_data=False, verbose=False,
             custom_translation_table=_contrib_translations() if fused else None,
@@ -150,7 +179,8 @@ def _export(wrapper: nn.Module, example: tuple, layers: list[list[int]], path: P
                             {0: batch, 1: torch.export.Dim("total_sequence_length", min=1)}, cache_dims),
         )
     model = onnx.load(str(path))
-    if _rms_norm_as_division(model):
+    divisions = _rms_norm_as_division(model)
+    if divisions + (_skip_rms_norms(model) if fused else 0):
         onnx.save(model, str(path))
 
 
@@ -209,6 +239,16 @@ def _grouped_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     return output.transpose(1, 2).contiguous(), None
 
 
+def _graph_index(graph) -> tuple[dict, dict[str, list], set[str]]:
+    """Each tensor's producing node, each tensor's reading nodes, and the graph's output names."""
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producers, consumers, {item.name for item in graph.output}
+
+
 def _rms_norm_as_division(model) -> int:
     """Mul(x, Reciprocal(Sqrt(v))) -> Div(x, Sqrt(v)) in place; returns how many Reciprocals went.
 
@@ -218,12 +258,7 @@ def _rms_norm_as_division(model) -> int:
     optimization; a few percent of a decode step). x / sqrt(v) is what rsqrt computes, to a rounding.
     """
     graph = model.graph
-    producers = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {item.name for item in graph.output}
+    producers, consumers, outputs = _graph_index(graph)
     removed = []
     for node in graph.node:
         if node.op_type != "Reciprocal" or node.domain not in ("", "ai.onnx"):
@@ -245,6 +280,61 @@ def _rms_norm_as_division(model) -> int:
     return len(removed)
 
 
+def _skip_rms_norms(model) -> int:
+    """Each residual Add feeding an RMSNorm in Div form (_rms_norm_as_division) -> one onnxruntime
+    SkipSimplifiedLayerNormalization giving the norm and the sum, in place; returns how many.
+
+    onnxruntime fuses the norm alone but never the Add before it, whose sum the next residual Add also
+    reads: 60 Add nodes of SmolLM2-135M's decode step run apart, which genai's builder writes fused.
+    Matched: Add(a, b) of two same-shaped 3-D tensors, Pow(sum, 2), ReduceMean over the last axis,
+    Add(eps), Sqrt, Div(sum, root), Mul by the weight; each intermediate read by the next only.
+    """
+    graph = model.graph
+    constants = {item.name: onnx.numpy_helper.to_array(item) for item in graph.initializer}
+    shapes = {item.name: [d.dim_param or d.dim_value for d in item.type.tensor_type.shape.dim]
+              for item in [*graph.value_info, *graph.input] if item.type.tensor_type.HasField("shape")}
+    producers, consumers, outputs = _graph_index(graph)
+
+    def only_reader(name: str, op_type: str):
+        readers = consumers.get(name, [])
+        node = readers[0] if len(readers) == 1 and name not in outputs else None
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def constant(name: str):
+        return constants.get(name)
+
+    fused = []
+    for power in graph.node:
+        total = producers.get(power.input[0]) if power.op_type == "Pow" and power.domain in ("", "ai.onnx") else None
+        if (total is None or total.op_type != "Add" or total.domain not in ("", "ai.onnx")
+                or constant(power.input[1]) is None or float(constant(power.input[1])) != 2.0
+                or len(shapes.get(total.input[0], [])) != 3 or shapes.get(total.input[0]) != shapes.get(total.input[1])):
+            continue
+        mean = only_reader(power.output[0], "ReduceMean")
+        shift = mean and only_reader(mean.output[0], "Add")
+        root = shift and only_reader(shift.output[0], "Sqrt")
+        division = root and only_reader(root.output[0], "Div")
+        scale = division and only_reader(division.output[0], "Mul")
+        if scale is None or division.input[0] != total.output[0] or len(mean.input) < 2:
+            continue
+        axes, epsilon = constant(mean.input[1]), constant(shift.input[1])
+        weight = next((name for name in scale.input if name != division.output[0]), None)
+        if (axes is None or list(np.atleast_1d(axes)) not in ([-1], [2]) or epsilon is None or epsilon.size != 1
+                or weight is None or constant(weight) is None or constant(weight).ndim != 1
+                or any(a.name == "keepdims" and a.i == 0 for a in mean.attribute)):
+            continue
+        fused.append((total, [power, mean, shift, root, division, scale], onnx.helper.make_node(
+            "SkipSimplifiedLayerNormalization", [total.input[0], total.input[1], weight],
+            [scale.output[0], "", "", total.output[0]], name=f"{total.name or total.output[0]}_skip_norm",
+            domain=_CONTRIB, epsilon=float(epsilon.reshape(())))))
+    for total, chain, replacement in fused:
+        position = list(graph.node).index(total)  # the sum's inputs are ready there, and it gives the sum
+        graph.node.insert(position, replacement)
+        for node in [total, *chain]:
+            graph.node.remove(node)
+    return len(fused)
+
+
 def _run_cached(session: ort.InferenceSession, path: Path, ids: np.ndarray, layers: list[list[int]],
                 chunks: list[int]) -> np.ndarray:
     """Logits of `ids` fed in chunks of these lengths, each call given the presents of the one before."""
@@ -257,6 +347,22 @@ def _run_cached(session: ort.InferenceSession, path: Path, ids: np.ndarray, laye
                               hint="the exported graph may not accept this shape")
         logits.append(outputs[0])
         past, start = outputs[1:], start + size
+    return np.concatenate(logits, axis=1)
+
+
+def _run_in_place(session: ort.InferenceSession, path: Path, ids: np.ndarray, layers: list[list[int]],
+                  chunks: list[int]) -> np.ndarray:
+    """Logits of `ids` fed in chunks of these lengths, each written into the same buffers (agent.kv_cache)."""
+    buffers = shared_cache(len(ids), KvCache(layers), ids.shape[1] + 2)
+    run = in_place(OnnxRuntimeSession(session, path, "export check"), buffers)
+    logits, start = [], 0
+    for size in chunks:
+        inputs = shared_inputs(ids[:, start:start + size], start)
+        outputs = run_quietly(f"running the ONNX model on input_ids {[len(ids), size]} after {start} tokens in a "
+                              f"buffer of {buffers[0].shape[2]}", path, lambda: run(inputs),
+                              hint="the exported graph may not accept a shared cache buffer")
+        logits.append(outputs[0])
+        start += size
     return np.concatenate(logits, axis=1)
 
 
@@ -286,20 +392,25 @@ def check_logits(expected: np.ndarray, actual: np.ndarray, path: Path, where: st
     return diff
 
 
-def step_latency_ms(path: Path, layers: list[list[int]], past: int, *, warmup: int = 3, runs: int = 20,
+def step_latency_ms(path: Path, cache: KvCache, past: int, *, warmup: int = 3, runs: int = 20,
                     threads: int | None = None) -> dict[str, float]:
-    """p50 and p95 milliseconds of one decode step (batch 1, one new token) after `past` cached tokens."""
+    """p50 and p95 milliseconds of one decode step (batch 1, one new token) after `past` cached tokens,
+    run as the agent runs it: in place in buffers of past + 1 positions for a shared cache."""
     options = ort.SessionOptions()
     options.inter_op_num_threads = 1
     if threads is not None:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [item.name for item in session.get_inputs()]
-    feed = dict(zip(names, cache_inputs(np.zeros((1, 1), np.int64), _random_cache(1, layers, past))))
+    session = OnnxRuntimeSession(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
+                                 Path(path), "step latency")
+    ids = np.zeros((1, 1), np.int64)
+    if cache.buffer == "shared":
+        run, inputs = in_place(session, _random_cache(1, cache.layers, past + 1)), shared_inputs(ids, past)
+    else:
+        run, inputs = session.run, cache_inputs(ids, _random_cache(1, cache.layers, past))
     timings = []
     for index in range(warmup + runs):
         started = time.perf_counter()
-        session.run(None, feed)
+        run(inputs)
         if index >= warmup:
             timings.append((time.perf_counter() - started) * 1000)
     return {"p50": round(float(np.percentile(timings, 50)), 3), "p95": round(float(np.percentile(timings, 95)), 3)}
@@ -354,20 +465,21 @@ _GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "
 
 
 @torch.library.custom_op("edgeshift::group_query_attention", mutates_args=())
-def _gqa_op(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, bias: torch.Tensor,
+def _gqa_op(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, mask: torch.Tensor,
             cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What onnxruntime's GroupQueryAttention computes here, in torch (what the export traces is its shapes).
 
-    qkv [B, S, (H + 2 KV) * D]: q, k and v packed; q and k are rotated (cos, sin [max, D / 2], rotate_half's
-    layout) at their column of the cache, past + s, the new k and v appended to past [B, KV, P, D], and
-    each query head attends causally over its KV head's cache with `bias` [B, 1, S, P + S] added to the
-    scores. -> (output [B, S, H * D], present key, present value [B, KV, P + S, D]).
-    Rotary encodes only positions relative to each other, so a row's left padding shifting every column
-    of it alike changes nothing (the mask's cumulative-sum positions give the same attention).
+    qkv [B, S, (H + 2 KV) * D]: q, k and v packed; `mask` [B, 1, 1, T] the attention mask, all ones: T - S
+    positions of past [B, KV, M, D] are valid. q and k are rotated (cos, sin [max, D / 2], rotate_half's
+    layout) at their column of the cache, T - S + s, the new k and v go to columns [T - S, T) of present,
+    and each query head attends causally over its KV head's first T columns. Present is past with them
+    appended when M = T - S, and the buffer past with them written in when M >= T (a shared buffer).
+    -> (output [B, S, H * D], present key, present value [B, KV, max(M, T), D]).
     """
     batch, length, _ = qkv.shape
-    past, head_dim = past_key.shape[2], past_key.shape[3]
+    total, head_dim = mask.shape[3], past_key.shape[3]
+    past = total - length
     query, key, value = (part.reshape(batch, length, -1, head_dim).transpose(1, 2) for part in
                          qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1))
     c, s = cos[past:past + length], sin[past:past + length]
@@ -376,9 +488,11 @@ def _gqa_op(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
         first, second = x.chunk(2, -1)
         return torch.cat([first * c - second * s, second * c + first * s], -1)
 
-    present_key, present_value = torch.cat([past_key, rotate(key)], 2), torch.cat([past_value, value], 2)
-    keys, values = (tensor.repeat_interleave(heads // kv_heads, 1) for tensor in (present_key, present_value))
-    scores = rotate(query) @ keys.transpose(2, 3) * scale + bias
+    present_key, present_value = (torch.cat([cache[:, :, :past], new, cache[:, :, total:]], 2)
+                                  for cache, new in ((past_key, rotate(key)), (past_value, value)))
+    keys, values = (tensor[:, :, :total].repeat_interleave(heads // kv_heads, 1)
+                    for tensor in (present_key, present_value))
+    scores = rotate(query) @ keys.transpose(2, 3) * scale
     future = torch.ones(length, past + length, dtype=torch.bool).triu(past + 1)
     weights = scores.masked_fill(future, float("-inf")).softmax(-1)
     output = (weights @ values).transpose(1, 2).reshape(batch, length, heads * head_dim)
@@ -386,9 +500,9 @@ def _gqa_op(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
 
 
 @_gqa_op.register_fake
-def _(qkv, past_key, past_value, bias, cos, sin, heads, kv_heads, scale):
+def _(qkv, past_key, past_value, mask, cos, sin, heads, kv_heads, scale):
     batch, length, _ = qkv.shape
-    present = past_key.new_empty((batch, kv_heads, past_key.shape[2] + length, past_key.shape[3]))
+    present = past_key.new_empty((batch, kv_heads, torch.sym_max(past_key.shape[2], mask.shape[3]), past_key.shape[3]))
     return qkv.new_empty((batch, length, heads * past_key.shape[3])), present, torch.empty_like(present)
 
 
@@ -401,16 +515,16 @@ def _contrib_translations() -> dict:
     contrib = Opset(_CONTRIB, 1)
     int32 = onnx.TensorProto.INT32
 
-    def group_query_attention(qkv, past_key, past_value, bias, cos, sin, heads: int, kv_heads: int, scale: float):
-        # every row attends over its whole cache (seqlens_k = total - 1) and the bias masks its padding, so
-        # left-padded rows work; query_seqlens (S for every row) lets a batch take several tokens after a past
-        batch = op.Shape(qkv, start=0, end=1)
-        total = op.Shape(bias, start=3, end=4)
-        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=int32)
-        query_seqlens = op.Cast(op.Expand(op.Shape(qkv, start=1, end=2), batch), to=int32)
+    def group_query_attention(qkv, past_key, past_value, mask, cos, sin, heads: int, kv_heads: int, scale: float):
+        # as onnxruntime-genai's models: each row's length from the mask (seqlens_k is its sum - 1) and the total
+        # from its size, the op masking causally itself; an attention_bias (for left padding) or query_seqlens
+        # (several tokens after a past in a batch) cost 5% of an int4 decode step. The mask is every layer's,
+        # so onnxruntime computes these once, not per layer.
+        lengths = op.ReduceSum(mask, op.Constant(value_ints=[1, 2, 3]), keepdims=0)
+        seqlens_k = op.Cast(op.Sub(lengths, op.Constant(value_ints=[1])), to=int32)
+        total = op.Cast(op.Squeeze(op.Shape(mask, start=3, end=4)), to=int32)
         return contrib.GroupQueryAttention(
-            qkv, None, None, past_key, past_value, seqlens_k, op.Cast(op.Squeeze(total), to=int32),
-            cos, sin, None, bias, None, None, None, None, None, query_seqlens,
+            qkv, None, None, past_key, past_value, seqlens_k, total, cos, sin,
             num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, _outputs=3)
 
     return {torch.ops.edgeshift.group_query_attention.default: group_query_attention}
@@ -471,20 +585,28 @@ def _fused_attention(model: nn.Module):
     The op rotates q and k, appends the step's keys and values to the cache and attends over it in one
     node, fed q, k and v by one MatMul of the three projections' weights stacked (one MatMulNBits in the
     int4 and int8 twins), as onnxruntime-genai's builder makes it; the eager form runs the reshapes,
-    transposes, rotary arithmetic, Concat, MatMuls and Softmax node by node. The interface is
-    unchanged: the cache stays [batch, kv_heads, past, head_dim] in and past + sequence out, every layer
-    keeps its own head counts, and the mask reaches the op as its additive attention_bias.
+    transposes, rotary arithmetic, Concat, MatMuls and Softmax node by node. Every layer keeps its own
+    head counts; the op reads the attention mask itself (_CachedLm), whose length (past + sequence, not
+    the cache tensors') is the op's total length, so the cache may be a shared buffer (cache_entry).
     """
-    tables = _rotary_tables(model) if _fusable(model) is None else None
+    tables = _fused_tables(model)
     attentions = [layer.self_attn for layer in model.model.layers] if tables is not None else []
     for attention in attentions:
         attention.forward = _fused_forward(attention, *tables)
     try:
-        with _grouped_attention(model):  # fused: its additive float mask is the op's attention_bias
-            yield tables is not None
+        if tables is not None:
+            yield True
+        else:
+            with _grouped_attention(model):
+                yield False
     finally:
         for attention in attentions:
             del attention.forward
+
+
+def _fused_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rotary tables the fused attention takes (_rotary_tables), None when the model's attention cannot fuse."""
+    return _rotary_tables(model) if _fusable(model) is None else None
 
 
 def _rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -512,8 +634,8 @@ def _fused_forward(attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor):
 
     def forward(hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None or attention_mask is None or attention_mask.dtype == torch.bool:
-            raise ExportError("fused attention needs the cache and an additive mask")
+        if cache is None or attention_mask is None or attention_mask.dim() != 4 or attention_mask.is_floating_point():
+            raise ExportError("fused attention needs the cache and the attention mask as it came")
         layer = cache.layers[attention.layer_idx]
         output, layer.keys, layer.values = torch.ops.edgeshift.group_query_attention(
             nn.functional.linear(hidden_states, weight, bias), layer.keys, layer.values, attention_mask,

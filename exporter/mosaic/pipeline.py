@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from agent.manifest import KvCache
 from agent.portfolio import LanguageModel, Manifest, TensorSpec, Variant, file_entry, save_samples, tokenizer_entry, \
     write_manifest
 from exporter.device import CPU, resolve_device
@@ -29,7 +28,7 @@ from exporter.mosaic.corpus import read_corpus, token_windows
 from exporter.mosaic.evaluate import latency_per_token_ms, nonzero_count, parameter_count, perplexity, weights_bytes
 from exporter.mosaic.load import load_causal_lm
 from exporter.mosaic.offload import layers_on
-from exporter.mosaic.onnx_export import cache_layers, export_causal_lm_onnx, step_latency_ms
+from exporter.mosaic.onnx_export import cache_entry, cache_layers, export_causal_lm_onnx, step_latency_ms
 from exporter.mosaic.checkpoint import save_pruned
 from exporter.mosaic.quantized import WEIGHT_BITS, Twin, weight_only_twin
 from exporter.mosaic.recovery import RecoveryConfig, recover
@@ -185,9 +184,9 @@ def _export(root: Path, name: str, tokenizer, dense: nn.Module, built: list[Buil
         rel = f"variants/{item.variant.id}.onnx"
         diff = export_causal_lm_onnx(item.model, root / rel, samples)
         item.variant.files["onnx"] = file_entry(root, rel, diff)
-        item.variant.files["onnx"].kv_cache = KvCache(cache_layers(item.model))
+        item.variant.files["onnx"].kv_cache = cache_entry(item.model)
         # what a generation's steps cost: one new token after half a context of cached ones
-        item.variant.host_latency_ms = step_latency_ms(root / rel, cache_layers(item.model), spec.context // 2)
+        item.variant.host_latency_ms = step_latency_ms(root / rel, cache_entry(item.model), spec.context // 2)
         item.variant.details["torch_ms_per_token"] = round(latency_per_token_ms(item.model, spec.context, 3), 3)
         if spec.checkpoints is not None:
             save_pruned(item.model, spec.checkpoints / item.variant.id)

@@ -57,8 +57,8 @@ def weight_only_twin(root: Path, parent: Variant, bits: int, layers: list[list[i
     variant = Variant(id=variant_id, method=f"{parent.method}+int{bits}", parent=parent.id, density=parent.density,
                       params=parent.params, params_nonzero=parent.params_nonzero, macs=parent.macs, metrics=metrics,
                       files={"onnx": file_entry(root, rel, max(kernel_diff, DIFF_FLOOR))}, details=details)
-    variant.files["onnx"].kv_cache = KvCache(layers)
-    variant.host_latency_ms = step_latency_ms(root / rel, layers, context // 2)
+    variant.files["onnx"].kv_cache = KvCache(layers, parent.files["onnx"].kv_cache.buffer)  # the parent's graph
+    variant.host_latency_ms = step_latency_ms(root / rel, variant.files["onnx"].kv_cache, context // 2)
     return Twin(variant, expected)
 
 
