@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -85,6 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(self._get)
 
     def do_POST(self) -> None:
+        self._arrived = time.monotonic()  # the request line is read: queueing from here counts toward the SLO
         self._body_read = False
         self._answer(self._post)
 
@@ -155,7 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
         if missing:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"missing input '{missing[0]}'")
         try:
-            result = agent.infer([arrays[spec.name] for spec in agent.manifest.inputs])
+            result = agent.infer([arrays[spec.name] for spec in agent.manifest.inputs], self._arrived)
         except InferenceError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
         produced = {spec.name: array for spec, array in zip(agent.manifest.outputs, result.outputs)}

@@ -1,7 +1,9 @@
 """Which variant should serve now: the most accurate one that fits, with hysteresis and a reason.
 
 A variant fits when its expected p95 latency meets the SLO (tightened when the board is warm or
-throttling), its memory fits the budget and what the system has free. Expected latency is the
+throttling), its memory fits the budget and what the system has free. Live latencies are as the
+clients saw them where callers stamp arrivals (Agent.infer's `arrived`): time waiting to be run
+counts, since a client's SLO does. Expected latency is the
 on-device benchmark scaled by how much slower the active variant runs now than on that bench,
 so CPU contention and throttling move every estimate alike. A violation steps down at once; a
 step up waits for the cooldown and needs headroom, and a step up that pressure undoes within a

@@ -216,10 +216,11 @@ class Runtime:
                 self._apply_preload(variant_id)
         return SwitchRecord(previous, variant_id, reason, time.perf_counter() - started)
 
-    def infer(self, inputs: np.ndarray | list[np.ndarray]) -> InferResult:
+    def infer(self, inputs: np.ndarray | list[np.ndarray], arrived: float | None = None) -> InferResult:
+        """One request on the active variant; `arrived` (time.monotonic()) stamps when it reached the caller."""
         arrays = self.validate(inputs)
         with self._entered() as resident:
-            return self._run(resident, arrays)
+            return self._run(resident, arrays, arrived=arrived)
 
     @contextmanager
     def hold(self) -> Iterator[HeldVariant]:
@@ -241,7 +242,8 @@ class Runtime:
             resident.leave()
 
     def _run(self, resident: _Resident, arrays: list[np.ndarray],
-             run: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None) -> InferResult:
+             run: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+             arrived: float | None = None) -> InferResult:
         """One request on a resident the caller has entered, through `run` (a Session.bound call of its
         session, `arrays` the inputs it takes) or its session's run(); its latency counts toward the
         variant's window."""
@@ -252,7 +254,8 @@ class Runtime:
             self.windows[resident.variant_id].add_error()
             raise
         latency_ms = (time.perf_counter() - started) * 1000
-        self.windows[resident.variant_id].add(latency_ms)
+        now = time.monotonic()
+        self.windows[resident.variant_id].add(latency_ms, now, None if arrived is None else (now - arrived) * 1000)
         self.served += 1
         return InferResult(outputs, resident.variant_id, latency_ms)
 

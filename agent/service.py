@@ -191,10 +191,13 @@ class Agent:
 
     # ------------------------------------------------------------------ serving
 
-    def infer(self, batch: np.ndarray | list[np.ndarray]) -> InferResult:
-        result = self._runtime().infer(batch)
+    def infer(self, batch: np.ndarray | list[np.ndarray], arrived: float | None = None) -> InferResult:
+        """Answer one request. `arrived` (time.monotonic()) is when it reached the caller: the policy then
+        judges the SLO on the time the request took as its client sees it, waits included."""
+        result = self._runtime().infer(batch, arrived)
         self._progress_at = time.monotonic()
-        if self.policy is not None and result.latency_ms > self.policy.settings.latency_slo_ms:
+        answered_ms = result.latency_ms if arrived is None else (self._progress_at - arrived) * 1000
+        if self.policy is not None and answered_ms > self.policy.settings.latency_slo_ms:
             self._round_due.set()
         return result
 

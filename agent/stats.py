@@ -28,18 +28,25 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 class LatencyWindow:
-    """The latencies of the last `horizon_s` seconds (at most `max_samples`), thread-safe."""
+    """The latencies of the last `horizon_s` seconds (at most `max_samples`), thread-safe.
+
+    A sample holds the model call's time (what busy_share sums) and the request's time as answered:
+    from its arrival where the caller stamped it, so queueing and preemption before and around the
+    call count as a client sees them, else the call's time. Latencies and percentiles are the latter.
+    """
 
     def __init__(self, horizon_s: float = 10.0, max_samples: int = 2048):
         self.horizon_s = horizon_s
-        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=max_samples)
         self._lock = threading.Lock()
         self.total = 0
         self.errors = 0
 
-    def add(self, latency_ms: float, now: float | None = None) -> None:
+    def add(self, latency_ms: float, now: float | None = None, answered_ms: float | None = None) -> None:
+        """One request: its model call took latency_ms, its answer answered_ms after it arrived (default: the same)."""
         with self._lock:
-            self._samples.append((time.monotonic() if now is None else now, latency_ms))
+            self._samples.append((time.monotonic() if now is None else now, latency_ms,
+                                  latency_ms if answered_ms is None else answered_ms))
             self.total += 1
 
     def add_error(self) -> None:
@@ -57,14 +64,14 @@ class LatencyWindow:
         if now - oldest < min_span_s:
             return None
         with self._lock:
-            busy_ms = sum(ms for t, ms in self._samples if t >= oldest)
+            busy_ms = sum(ms for t, ms, _ in self._samples if t >= oldest)
         return busy_ms / 1000.0 / (now - oldest)
 
     def last(self, n: int, since: float | None = None) -> LatencySummary:
         """Percentiles of the last n requests (fewer when fewer came since `since`): evidence that
         reacts within a few requests at any rate, where a window of seconds lags by its span."""
         with self._lock:
-            recent = [ms for t, ms in islice(reversed(self._samples), n) if since is None or t >= since]
+            recent = [ms for t, _, ms in islice(reversed(self._samples), n) if since is None or t >= since]
         return summarize(recent)
 
     def summary(self, now: float | None = None, since: float | None = None) -> LatencySummary:
@@ -76,7 +83,7 @@ class LatencyWindow:
         now = time.monotonic() if now is None else now
         oldest = now - self.horizon_s if since is None else max(now - self.horizon_s, since)
         with self._lock:
-            return tuple(ms for t, ms in self._samples if t >= oldest)
+            return tuple(ms for t, _, ms in self._samples if t >= oldest)
 
 
 def summarize(values: Sequence[float]) -> LatencySummary:

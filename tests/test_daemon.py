@@ -114,3 +114,20 @@ def test_a_late_answer_calls_the_next_policy_round_at_once(small_portfolio, tmp_
         assert not daemon.agent.wait_for_round(60.0, stop)
     finally:
         daemon.agent.close()
+
+
+def test_an_answer_late_only_from_waiting_counts_as_late(small_portfolio, tmp_path, notify_socket):
+    daemon = daemon_for(small_portfolio, tmp_path, notify_socket[0])
+    daemon.agent.start()
+    try:
+        stop = threading.Event()
+        daemon.agent.infer(daemon.agent.canary[0])
+        daemon.agent.wait_for_round(0.0, stop)  # clear a round the start may have asked for
+        result = daemon.agent.infer(daemon.agent.canary[0], arrived=time.monotonic() - 5.0)  # queued 5 s
+        assert result.latency_ms < 1000  # the model call itself is quick
+        started = time.monotonic()
+        assert daemon.agent.wait_for_round(60.0, stop) and time.monotonic() - started < 5.0
+        window = daemon.agent.runtime.windows[result.variant]
+        assert max(window.latencies()) >= 5000.0 and window.busy_share(min_span_s=0.0) < 0.5
+    finally:
+        daemon.agent.close()

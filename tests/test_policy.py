@@ -341,6 +341,14 @@ def test_latency_window_percentiles_and_horizon():
     assert window.last(8, since=1000.965).count == 3
 
 
+def test_the_window_judges_latency_as_answered_and_busy_share_as_served():
+    window = LatencyWindow(horizon_s=10)
+    for i in range(100):
+        window.add(50.0, now=1000.0 + i * 0.1, answered_ms=80.0)  # 50 ms of work after 30 ms in a queue
+    assert window.summary(now=1010.0).p50 == 80.0 and window.last(8).p95 == 80.0
+    assert window.busy_share(now=1010.0) == pytest.approx(0.5)
+
+
 def test_busy_share_is_the_time_spent_serving_over_the_window():
     window = LatencyWindow(horizon_s=10)
     for i in range(100):

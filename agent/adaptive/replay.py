@@ -32,7 +32,7 @@ class Request:
 class LabelledReplay:
     """Sends x[i] (batch 1, cycling) to `infer` at `rate_hz`; `phase` tags the requests sent meanwhile."""
 
-    def __init__(self, infer: Callable[[np.ndarray], InferResult], x: np.ndarray, y: np.ndarray | None,
+    def __init__(self, infer: Callable[[np.ndarray, float], InferResult], x: np.ndarray, y: np.ndarray | None,
                  rate_hz: float):
         if not rate_hz > 0:
             raise ValueError(f"rate must be above 0 Hz, got {rate_hz}")
@@ -60,7 +60,7 @@ class LabelledReplay:
     def _send(self, slot: int, due: float) -> Request:
         i = slot % len(self.x)
         try:
-            result = self.infer(self.x[i:i + 1])
+            result = self.infer(self.x[i:i + 1], due)  # arrived when due: a late send counts, as for the client
         except Exception as error:  # a failed request is scored, never stops the replay
             if len(self.errors) < 10:
                 self.errors.append(f"{type(error).__name__}: {error}")
