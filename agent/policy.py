@@ -209,14 +209,16 @@ class Policy:
         if not self._as_good(active, target) and target.id in expected:
             waited = obs.now - self._last_switch
             slowdown = self._slowdown(obs, active)
-            throttling = obs.thermal == "throttle"
 
             def may_step_up_to(c: Candidate | None) -> bool:
-                if c is None or self._as_good(active, c) or waited < self._step_up_wait() or throttling:
+                if c is None or self._as_good(active, c) or waited < self._step_up_wait():
                     return False
                 room = busy.get(c.id) is None or busy[c.id] <= s.headroom * s.max_busy
                 return expected.get(c.id, float("inf")) <= s.headroom * slo and room
 
+            if obs.thermal == "throttle" and waited >= self._step_up_wait():
+                return Decision(active.id, f"holding {active.id}: the board throttles{_temp(obs)}; no step up to "
+                                           f"{target.named} until it stops", "hold", False)
             distrusted = [c for c in fitting_memory if self._still_distrusted(c, slowdown, obs.now)]
             trusted = [c for c in fitting_memory if all(self._cheaper(c, d) for d in distrusted)]  # nothing as costly
             up = self._best_fitting(trusted, expected, slo, busy)
@@ -226,9 +228,6 @@ class Policy:
                 backoff = f" (after {self._step_up_wait():.0f} s: recent step ups failed)" if self._failed_step_ups else ""
                 return self._to(obs, up.id, "step-up", f"headroom: {up.named} expected at {expected[up.id]:.1f} ms "
                                                        f"<= {s.headroom:.0%} of {slo_text}{backoff}")
-            if throttling and waited >= self._step_up_wait():
-                return Decision(active.id, f"holding {active.id}: the board throttles{_temp(obs)}; no step up to "
-                                           f"{target.named} until it stops", "hold", False)
             if target.id in self._distrusted and may_step_up_to(target):
                 failed_at, when = self._distrusted[target.id]
                 now_text = f"{slowdown:.1f}x" if slowdown is not None else "not measured yet"

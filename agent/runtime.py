@@ -31,7 +31,8 @@ class InferenceError(ValueError):
 class InferResult:
     outputs: list[np.ndarray]
     variant: str
-    latency_ms: float
+    latency_ms: float               # the model call
+    answered_ms: float              # from the request's arrival where the caller stamped it, else the model call
 
 
 @dataclass(frozen=True)
@@ -255,9 +256,10 @@ class Runtime:
             raise
         latency_ms = (time.perf_counter() - started) * 1000
         now = time.monotonic()
-        self.windows[resident.variant_id].add(latency_ms, now, None if arrived is None else (now - arrived) * 1000)
+        answered_ms = latency_ms if arrived is None else (now - arrived) * 1000
+        self.windows[resident.variant_id].add(latency_ms, now, answered_ms)
         self.served += 1
-        return InferResult(outputs, resident.variant_id, latency_ms)
+        return InferResult(outputs, resident.variant_id, latency_ms, answered_ms)
 
     def validate(self, inputs: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
         arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)

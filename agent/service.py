@@ -196,8 +196,7 @@ class Agent:
         judges the SLO on the time the request took as its client sees it, waits included."""
         result = self._runtime().infer(batch, arrived)
         self._progress_at = time.monotonic()
-        answered_ms = result.latency_ms if arrived is None else (self._progress_at - arrived) * 1000
-        if self.policy is not None and answered_ms > self.policy.settings.latency_slo_ms:
+        if self.policy is not None and result.answered_ms > self.policy.settings.latency_slo_ms:
             self._round_due.set()
         return result
 

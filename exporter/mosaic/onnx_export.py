@@ -300,14 +300,11 @@ def _skip_rms_norms(model) -> int:
         node = readers[0] if len(readers) == 1 and name not in outputs else None
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
-    def constant(name: str):
-        return constants.get(name)
-
     fused = []
     for power in graph.node:
         total = producers.get(power.input[0]) if power.op_type == "Pow" and power.domain in ("", "ai.onnx") else None
         if (total is None or total.op_type != "Add" or total.domain not in ("", "ai.onnx")
-                or constant(power.input[1]) is None or float(constant(power.input[1])) != 2.0
+                or constants.get(power.input[1]) is None or float(constants.get(power.input[1])) != 2.0
                 or len(shapes.get(total.input[0], [])) != 3 or shapes.get(total.input[0]) != shapes.get(total.input[1])):
             continue
         mean = only_reader(power.output[0], "ReduceMean")
@@ -317,10 +314,10 @@ def _skip_rms_norms(model) -> int:
         scale = division and only_reader(division.output[0], "Mul")
         if scale is None or division.input[0] != total.output[0] or len(mean.input) < 2:
             continue
-        axes, epsilon = constant(mean.input[1]), constant(shift.input[1])
+        axes, epsilon = constants.get(mean.input[1]), constants.get(shift.input[1])
         weight = next((name for name in scale.input if name != division.output[0]), None)
         if (axes is None or list(np.atleast_1d(axes)) not in ([-1], [2]) or epsilon is None or epsilon.size != 1
-                or weight is None or constant(weight) is None or constant(weight).ndim != 1
+                or weight is None or constants.get(weight) is None or constants[weight].ndim != 1
                 or any(a.name == "keepdims" and a.i == 0 for a in mean.attribute)):
             continue
         fused.append((total, [power, mean, shift, root, division, scale], onnx.helper.make_node(
