@@ -42,12 +42,16 @@ def shared_inputs(ids: np.ndarray, filled: int, buffers: Sequence[np.ndarray] = 
     return [ids, np.ones((ids.shape[0], filled + ids.shape[1]), np.int64), *buffers]
 
 
-def in_place(session: Session, buffers: list[np.ndarray]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+def in_place(session: Session, buffers: list[np.ndarray], logits: np.ndarray | None = None
+             ) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """session.bound with every layer's buffer (shared_cache) bound once as both its past and its present:
     a call takes shared_inputs(ids, filled) and returns [logits], the file writing the new positions into
-    the buffers."""
-    return session.bound({index + 1: buffer for index, buffer in enumerate(buffers)},
-                         {index + 2: buffer for index, buffer in enumerate(buffers)})
+    the buffers. With `logits` (float32 [batch, n, vocab]) bound too, every call must take n tokens per
+    row, writes their logits there and returns []: a decode step then allocates and binds no output."""
+    into = {index + 1: buffer for index, buffer in enumerate(buffers)}
+    if logits is not None:
+        into[0] = logits
+    return session.bound(into, {index + 2: buffer for index, buffer in enumerate(buffers)})
 
 
 def decode_step(session: "CachedLmSession", ids: np.ndarray) -> Callable[[], list[np.ndarray]]:

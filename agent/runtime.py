@@ -106,14 +106,16 @@ class HeldVariant:
         _check_token_ids(ids, "input_ids", vocab_size(runtime.manifest.outputs[0]), context)
         return runtime._run(self._resident, cache_inputs(ids, past))
 
-    def in_place(self, buffers: list[np.ndarray]) -> Callable[[np.ndarray, int], InferResult]:
+    def in_place(self, buffers: list[np.ndarray], logits: np.ndarray | None = None
+                 ) -> Callable[[np.ndarray, int], InferResult]:
         """infer(ids, filled): tokens `ids` [batch, n] after the first `filled` positions of a shared cache's
         `buffers` (agent.kv_cache.shared_cache), which receive the new positions in place; outputs are
-        [logits]. The buffers are bound to the session once, for every call."""
+        [logits], or [] when they go to `logits` (agent.kv_cache.in_place). The arrays are bound to the
+        session once, for every call."""
         runtime = self._runtime
         length, context = buffers[0].shape[2], runtime.manifest.language_model.context_length
         vocab = vocab_size(runtime.manifest.outputs[0])
-        run = in_place(self._resident.session, buffers)
+        run = in_place(self._resident.session, buffers, logits)
 
         def infer(ids: np.ndarray, filled: int) -> InferResult:
             if filled + ids.shape[1] > min(length, context):
@@ -152,6 +154,11 @@ class Runtime:
 
     def open_session(self, variant_id: str, provider: str | None = None) -> Session:
         """A new session of the variant, on `provider`, else on the one placed for it."""
+        # Its threads spin within a run for language models only. A generation's decode steps come back to
+        # back, ~300 parallel sections each, and a sleeping thread costs a wake-up at every one: int4
+        # SmolLM2 at 2 threads decoded at 0.65x onnxruntime-genai's rate, 1.0x spinning. Other requests
+        # arrive while the agent's own threads (HTTP, monitor, a load generator) need a core that a spinning
+        # thread holds: make demo (200 requests/s, 2 cores) fell from 92.8% to 76.5% within its SLO.
         variant = self.manifest.variant(variant_id)
         fmt = self.backend.file_format
         if fmt not in variant.files:
@@ -159,7 +166,8 @@ class Runtime:
         session = self.backend.open(self.portfolio.file_path(variant_id, fmt), variant_id, threads=self.threads,
                                     manifest_layout=self.manifest.inputs[0].layout,
                                     file_input_shape=variant.files[fmt].input_shape,
-                                    provider=provider or self.providers.get(variant_id))
+                                    provider=provider or self.providers.get(variant_id),
+                                    spin=self.manifest.task == "causal-lm")
         cache = variant.files[fmt].kv_cache
         return session if cache is None else CachedLmSession(session, cache)
 

@@ -26,6 +26,13 @@ Without it, or when its builder fails, its rows say why and the rest runs.
     python bench/llm_serving.py --tiny               # a random 2-layer Llama: the loops' own cost
     python bench/llm_serving.py --model path/to/model.gguf --threads 4 --rounds 5
     python bench/llm_serving.py --runtimes agent-fp32,agent-int4,genai-int4
+    python bench/llm_serving.py --runtimes agent-int4,genai-int4 --contend 1   # another process takes a core
+
+Below the table, each agent runtime is set against its counterpart (genai at the same precision;
+transformers for fp32) round by round: the ratio of decode rates within a round, where both met the
+same machine, as a median and its range over the rounds. `--contend N` keeps N busy-looping processes
+running through the measured rounds: an edge board whose other work takes cores, the load the agent
+is built for.
 """
 from __future__ import annotations
 
@@ -45,6 +52,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# onnxruntime's threads spin on for tens of milliseconds after a run unless told to stop (genai's do):
+# each generation waits this long so none starts with the last runtime's threads still taking cores.
+SETTLE_S = 0.2
 RUNTIMES = ("agent-fp32", "agent-int8", "agent-int4", "transformers", "genai-fp32", "genai-int4")
 LABELS = {"agent-fp32": "agent, fp32 (ONNX, KV cache)", "agent-int8": "agent, int8 weights (MatMulNBits)",
           "agent-int4": "agent, int4 weights (MatMulNBits)", "transformers": "transformers `generate` (KV cache)",
@@ -59,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contend", type=int, default=0, metavar="N",
+                        help="N busy-looping processes run through the measured rounds (default 0)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
                         help=f"comma-separated subset of {','.join(RUNTIMES)} (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         import random
 
         prompt = random.Random(0).choices(range(vocab), k=args.prompt_tokens)
-        workers = {}
+        workers, hogs = {}, []
         try:
             for runtime in wanted:
                 if runtime in skipped:
@@ -93,29 +105,35 @@ def main(argv: list[str] | None = None) -> int:
                     workers[runtime].ask(prompt, counts[0])  # warm-up: first runs pay for allocations and caches
                 except RuntimeError as error:
                     skipped[runtime] = str(error)
-                    workers.pop(runtime).close()
+                    if runtime in workers:  # loaded, then failed its warm-up
+                        workers.pop(runtime).kill()
                     print(f"{runtime}: not run: {error}", file=sys.stderr)
             results = {(runtime, n): [] for runtime in workers for n in counts}
             answers: dict[str, list[list[int]]] = {runtime: [] for runtime in workers}
+            hogs.extend(_busy_loop() for _ in range(args.contend))
             for round_index in range(args.rounds):
                 for n in counts:
                     order = list(workers)
                     shift = (round_index + counts.index(n)) % len(order)
                     for runtime in order[shift:] + order[:shift]:
+                        time.sleep(SETTLE_S)
                         answer = workers[runtime].ask(prompt, n)
                         results[(runtime, n)].append((answer["prefill"], answer["decode"]))
                         answers[runtime].append(answer["ids"])
                 print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+            _stop(hogs)
             peaks = {runtime: worker.close() for runtime, worker in workers.items()}
             sizes = {runtime: _mib(paths[runtime]) for runtime in workers}  # before the directory goes
         finally:
+            _stop(hogs)
             for worker in workers.values():
                 worker.kill()
 
     reference = answers.get("transformers") or answers.get("agent-fp32") or []
     reference_name = "transformers" if "transformers" in answers else "agent fp32"
+    contended = f"; {args.contend} busy-looping process(es) beside them" if args.contend else ""
     print(f"\n{name}, {args.threads} threads, prompt {args.prompt_tokens} random tokens, greedy; median of "
-          f"{args.rounds} interleaved rounds; peak RSS: each worker process's own VmHWM "
+          f"{args.rounds} interleaved rounds{contended}; peak RSS: each worker process's own VmHWM "
           f"(imports + load + all generations)\n")
     print("| runtime | files MiB | peak RSS MiB | prefill tok/s | " +
           " | ".join(f"decode tok/s, {n} new" for n in counts) + f" | {counts[-1]} / {counts[0]} | "
@@ -130,7 +148,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {LABELS[runtime]} | {sizes[runtime]:.1f} | {peaks[runtime] / 1024:.0f} | {prefill:.0f} | " +
               " | ".join(f"{rate:.1f}" for rate in decode) + f" | {decode[-1] / decode[0]:.2f} | "
               f"{_agreement(answers[runtime], reference)} |")
+    _print_paired_ratios(results, counts)
     return 0
+
+
+PAIRS = (("agent-int4", "genai-int4"), ("agent-fp32", "genai-fp32"), ("agent-fp32", "transformers"))
+
+
+def _print_paired_ratios(results: dict, counts: list[int]) -> None:
+    """Each agent runtime over its counterpart, round by round (both ran in the same round, back to back)."""
+    lines = []
+    for mine, theirs in PAIRS:
+        if (mine, counts[0]) not in results or (theirs, counts[0]) not in results:
+            continue
+        cells = []
+        for n in counts:
+            ratios = [a[1] / b[1] for a, b in zip(results[(mine, n)], results[(theirs, n)])]
+            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        lines.append(f"| {mine} / {theirs} | " + " | ".join(cells) + " |")
+    if lines:
+        print("\nDecode rate ratio within each round: median (lowest-highest) over the rounds\n")
+        print("| pair | " + " | ".join(f"{n} new" for n in counts) + " |")
+        print("|---|" + "---:|" * len(counts))
+        print("\n".join(lines))
+
+
+def _busy_loop() -> subprocess.Popen:
+    """Another program taking a core for as long as it runs."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _agreement(got: list[list[int]], reference: list[list[int]]) -> str:

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,22 @@ def test_tflite_runs_sample_by_sample_when_a_file_cannot_take_a_bigger_batch(tin
         for batch in (x, x[:1], x):
             [out] = session.run([batch])
             np.testing.assert_allclose(out, expected[: len(batch)], atol=1e-5, rtol=0)
+
+
+def test_onnxruntime_threads_that_spin_within_a_run_sleep_once_it_returns(small_portfolio):
+    """Spinning keeps a run of many parallel sections fast (no wake-up at each); spinning on after it
+    would burn a core between requests (onnxruntime's default spins on for tens of milliseconds)."""
+    from agent.backends.onnx import OnnxRuntimeBackend
+
+    portfolio = Portfolio.open(small_portfolio)
+    x = portfolio.samples().inputs[0]
+    backend = OnnxRuntimeBackend()
+    with backend.open(portfolio.file_path("dense", "onnx"), "dense", threads=2, spin=True) as session:
+        for _ in range(50):
+            session.run([x])
+        started = time.process_time()
+        time.sleep(0.5)
+        idle_cpu_s = time.process_time() - started
+    assert idle_cpu_s < 0.005, f"the idle process used {idle_cpu_s * 1000:.1f} ms of CPU in 0.5 s"
+    assert backend.session_options(2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert backend.session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"

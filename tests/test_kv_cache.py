@@ -195,6 +195,45 @@ def test_a_generation_allocates_its_shared_buffers_once_sized_for_it(agent, mode
     assert all(np.count_nonzero(buffer[0, :, -1]) for buffers in allocated for buffer in buffers)
 
 
+def test_decode_steps_write_their_logits_into_one_array_bound_once(agent, models, monkeypatch):
+    from agent import runtime as runtime_module
+
+    bindings = []
+
+    def recording(session, buffers, logits=None):
+        run, calls = in_place(session, buffers, logits), []
+        bindings.append((logits, calls))
+        return lambda inputs: calls.append(run(inputs)) or calls[-1]
+
+    monkeypatch.setattr(runtime_module, "in_place", recording)
+    agent.switch("dense", "test")
+
+    result = agent.generate(PROMPT, max_new_tokens=8)
+
+    assert result.new_ids == torch_greedy(models["dense"], PROMPT, 8)
+    vocab = models["dense"].config.vocab_size
+    (none, prompt_calls), (logits, step_calls) = bindings  # the prompt's binding, then the steps'
+    assert none is None and [[out.shape for out in outputs] for outputs in prompt_calls] == [[(1, len(PROMPT), vocab)]]
+    assert logits.shape == (1, 1, vocab) and step_calls == [[]] * 7  # each step wrote its logits there, no new array
+
+
+def test_only_a_language_models_sessions_spin_within_their_runs(cached_dir, small_portfolio):
+    from agent.backends.onnx import inference_session
+
+    spinning = {}
+
+    def recording(path, options, providers, provider_options):
+        spinning[task] = options.get_session_config_entry("session.intra_op.allow_spinning")
+        return inference_session(path, options, providers, provider_options)
+
+    for root in (cached_dir, small_portfolio):
+        portfolio = Portfolio.open(root)
+        task = portfolio.manifest.task
+        runtime = Runtime(portfolio, OnnxRuntimeBackend(create_session=recording), threads=2)
+        runtime.open_session(portfolio.manifest.default_variant).close()
+    assert spinning == {"causal-lm": "1", "classification": "0"}
+
+
 def test_the_onnxruntime_session_writes_a_bound_buffer_in_place(cached_dir):
     runtime = Runtime(Portfolio.open(cached_dir), OnnxRuntimeBackend(), threads=1)
     session = runtime.open_session("dense")

@@ -38,6 +38,7 @@ def test_every_variant_gets_an_int4_and_an_int8_twin_with_its_own_perplexity(qua
             assert twin.method == f"{parent.method}+int{bits}" and twin.parent == parent_id
             assert twin.details["weight_bits"] == bits and twin.details["quantized_matmuls"] == 2 * 5 + 1
             assert twin.details["quantized_embedding"] == (bits == 4)  # GatherBlockQuantized takes 4-bit blocks
+            assert twin.details["embedding_shares_head"] is False  # this model's head is not tied to its table
             assert twin.files["onnx"].bytes < parent.files["onnx"].bytes
             assert twin.files["onnx"].kv_cache == parent.files["onnx"].kv_cache
             assert twin.metrics["perplexity"] != parent.metrics["perplexity"]  # measured, not copied
@@ -72,29 +73,39 @@ def test_a_bad_lm_quantize_value_is_refused_by_the_parser(tmp_path, capsys):
     assert "give int4, int8, int4,int8 or none" in capsys.readouterr().err
 
 
+def exported_tied_llama(path: Path, vocab: int):
+    """A random 2-layer Llama whose head is its embedding table, exported with its cache; (model, sample ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from exporter.mosaic.onnx_export import export_causal_lm_onnx
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(1))
+    export_causal_lm_onnx(model, path, ids)
+    return model, ids
+
+
 @pytest.mark.parametrize("bits, embedding_op, tolerance", [(8, "Gather", 0.05), (4, "GatherBlockQuantized", 0.15)])
 def test_a_head_tied_to_the_embedding_is_quantized_too_and_int4_gathers_the_table_from_4_bit_blocks(
         tmp_path, bits, embedding_op, tolerance):
     import numpy as np
     import onnxruntime as ort
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from agent.kv_cache import cache_inputs, empty_cache
     from agent.manifest import KvCache
-    from exporter.mosaic.onnx_export import cache_layers, export_causal_lm_onnx
+    from exporter.mosaic.onnx_export import cache_layers
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=96, vocab_size=40, max_position_embeddings=64, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1))
-    export_causal_lm_onnx(model, tmp_path / "tied.onnx", ids)
+    model, ids = exported_tied_llama(tmp_path / "tied.onnx", vocab=40)
 
     result = quantize_weights(tmp_path / "tied.onnx", tmp_path / f"tied-int{bits}.onnx", bits)
 
     assert result.quantized == 2 * 5 + 1  # five projections a layer (q, k, v packed) and the head
-    assert result.embedding_quantized == (bits == 4)
+    assert result.embedding_quantized == result.embedding_shares_head == (bits == 4)
     graph = onnx.load(str(tmp_path / f"tied-int{bits}.onnx")).graph
     assert embedding_op in {node.op_type for node in graph.node if "input_ids" in node.input}
     session = ort.InferenceSession(str(tmp_path / f"tied-int{bits}.onnx"), providers=["CPUExecutionProvider"])
@@ -104,3 +115,36 @@ def test_a_head_tied_to_the_embedding_is_quantized_too_and_int4_gathers_the_tabl
     with torch.no_grad():
         expected = model(input_ids=ids).logits.numpy()
     assert np.abs(logits - expected).max() < tolerance * np.abs(expected).max()
+
+
+def test_an_int4_table_tied_to_the_head_gathers_from_the_heads_blocks_and_computes_the_same(tmp_path, monkeypatch):
+    import numpy as np
+    import onnxruntime as ort
+
+    from agent.kv_cache import cache_inputs, empty_cache
+    from agent.manifest import KvCache
+    from exporter.mosaic.onnx_export import cache_layers
+    from exporter.quantize import lm_weights
+
+    model, ids = exported_tied_llama(tmp_path / "tied.onnx", vocab=512)
+    shared = quantize_weights(tmp_path / "tied.onnx", tmp_path / "shared.onnx", 4)
+    monkeypatch.setattr(lm_weights, "_share_tied_table", lambda model: False)
+    own = quantize_weights(tmp_path / "tied.onnx", tmp_path / "own.onnx", 4)
+
+    assert shared.embedding_shares_head and not own.embedding_shares_head
+    graph = onnx.load(str(tmp_path / "shared.onnx")).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    [gather] = [node for node in graph.node if node.op_type == "GatherBlockQuantized"]
+    reshape = producers[gather.input[0]]
+    [head] = [node for node in graph.node if node.op_type == "MatMulNBits" and node.input[1] == reshape.input[0]]
+    assert reshape.op_type == "Reshape" and gather.input[2] == head.input[2]  # the head's blocks and scales
+    # one 4-bit copy of the 512 x 64 table: 16 KiB less, less the Reshape's few bytes
+    saved = (tmp_path / "own.onnx").stat().st_size - (tmp_path / "shared.onnx").stat().st_size
+    assert 512 * 64 // 2 + 512 * 2 * 4 - 256 < saved
+    feed = cache_inputs(ids.numpy(), empty_cache(2, KvCache(cache_layers(model))))
+
+    def logits(name: str) -> np.ndarray:
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        return session.run(None, dict(zip([item.name for item in session.get_inputs()], feed)))[0]
+
+    np.testing.assert_array_equal(logits("shared.onnx"), logits("own.onnx"))

@@ -92,9 +92,12 @@ class Backend(ABC):
         manifest_layout: str | None = None,
         file_input_shape: list[int] | None = None,
         provider: str | None = None,
+        spin: bool = False,
     ) -> Session:
         """Load the model file at `path` to run on `provider` (one of `providers`; None: the first);
-        BackendError (naming the path) if it cannot be loaded."""
+        BackendError (naming the path) if it cannot be loaded. `spin`: the runtime's threads may
+        busy-wait between the parallel sections of a run (not after it), for runs that come back to back
+        while nothing else of the agent needs a core, as a generation's decode steps."""
 
     def use_providers(self, preferred: Sequence[str], state_dir: Path | None = None) -> None:
         """Try these providers, best first, where installed; state_dir keeps what they build (engines).

@@ -36,12 +36,10 @@ class OnnxRuntimeBackend(Backend):
     file_format = "onnx"
     pip_package = "onnxruntime"
 
-    def __init__(self, allow_spinning: bool = False, *, installed: Sequence[str] | None = None,
+    def __init__(self, *, installed: Sequence[str] | None = None,
                  create_session: Callable[..., Any] | None = None) -> None:
         """`installed` replaces onnxruntime's own list of providers and `create_session` its
         InferenceSession (both for tests)."""
-        # Spinning threads keep cores busy between requests: an idle agent would heat a Pi for nothing.
-        self.allow_spinning = allow_spinning
         self.providers: tuple[str, ...] = (CPU,)
         self.engine_cache_dir: Path | None = None
         self._installed = installed
@@ -51,8 +49,11 @@ class OnnxRuntimeBackend(Backend):
     def available() -> bool:
         return importlib.util.find_spec("onnxruntime") is not None
 
-    def session_options(self, threads: int | None = None):
-        """The onnxruntime options every agent session runs with (benchmarks reuse them for a bare session)."""
+    def session_options(self, threads: int | None = None, spin: bool = False):
+        """The onnxruntime options every agent session runs with (benchmarks reuse them for a bare session).
+
+        The intra-op threads sleep between parallel sections, or with `spin` spin while a run lasts; never
+        after it (onnxruntime's default spins on for tens of milliseconds, heating an idle board)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -61,9 +62,10 @@ class OnnxRuntimeBackend(Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = _ERRORS_ONLY
-        spinning = "1" if self.allow_spinning else "0"
+        spinning = "1" if spin else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
 
     def open(
@@ -75,12 +77,13 @@ class OnnxRuntimeBackend(Backend):
         manifest_layout: str | None = None,  # the .onnx file takes the manifest's layout as it is
         file_input_shape: list[int] | None = None,
         provider: str | None = None,
+        spin: bool = False,
     ) -> Session:
         if provider is not None and provider not in self.providers:
             raise BackendError(f"{path}: {provider} is not among this agent's providers ({', '.join(self.providers)})")
         chain = self.providers[self.providers.index(provider):] if provider is not None else self.providers
         try:
-            session = self._create_session(str(path), self.session_options(threads), list(chain),
+            session = self._create_session(str(path), self.session_options(threads, spin), list(chain),
                                            [provider_options(name, self.engine_cache_dir) for name in chain])
         except Exception as error:  # onnxruntime's errors derive from Exception only
             on = "" if chain[0] == CPU else f" on {chain[0]}"
@@ -132,8 +135,8 @@ class OnnxRuntimeSession(Session):
         binding = self._open().io_binding()
         for index, array in into.items():
             binding.bind_output(self._outputs[index][0], "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        bound = {index: np.ascontiguousarray(array, dtype=self._input_dtypes[index]) for index, array in fixed.items()}
-        for index, array in bound.items():  # kept in `bound` while the binding reads them
+        read = {index: np.ascontiguousarray(array, dtype=self._input_dtypes[index]) for index, array in fixed.items()}
+        for index, array in read.items():  # `read` keeps every array the binding reads alive
             binding.bind_cpu_input(self._input_names[index], array)
         free = [index for index in range(len(self._input_names)) if index not in fixed]
 
@@ -142,15 +145,14 @@ class OnnxRuntimeSession(Session):
             if len(inputs) != len(free):
                 raise BackendError(f"{self.path}: variant '{self.variant_id}' takes {len(free)} input(s) besides "
                                    f"the bound ones, got {len(inputs)}")
-            arrays = dict(bound)
             outputs = []
             try:
                 for index, array in zip(free, inputs):
-                    arrays[index] = np.ascontiguousarray(array, dtype=self._input_dtypes[index])
-                    binding.bind_cpu_input(self._input_names[index], arrays[index])
+                    read[index] = np.ascontiguousarray(array, dtype=self._input_dtypes[index])
+                    binding.bind_cpu_input(self._input_names[index], read[index])
                 for index in others:  # new arrays each call: the caller keeps the last ones
                     name, _, dtype = self._outputs[index]
-                    shape = [size if axis is None else arrays[size].shape[axis] for size, axis in sizes[index]]
+                    shape = [size if axis is None else read[size].shape[axis] for size, axis in sizes[index]]
                     outputs.append(np.empty(shape, dtype))
                     binding.bind_output(name, "cpu", 0, dtype, shape, outputs[-1].ctypes.data)
                 session.run_with_iobinding(binding)

@@ -108,6 +108,7 @@ class TfliteBackend(Backend):
         manifest_layout: str | None = None,
         file_input_shape: list[int] | None = None,
         provider: str | None = None,  # LiteRT has no providers to choose from
+        spin: bool = False,  # nor a choice of how its threads wait
     ) -> Session:
         interpreter_class = _runtime().interpreter_class
         if interpreter_class is None:

@@ -52,7 +52,7 @@ def weight_only_twin(root: Path, parent: Variant, bits: int, layers: list[list[i
     size_mib = (root / rel).stat().st_size / 2**20
     details = {"weight_bits": bits, "block_size": result.block_size, "symmetric": True,
                "quantized_matmuls": result.quantized, "float_matmuls": result.kept_float,
-               "quantized_embedding": result.embedding_quantized,
+               "quantized_embedding": result.embedding_quantized, "embedding_shares_head": result.embedding_shares_head,
                "file_mib": round(size_mib, 2), "quantize_s": round(time.perf_counter() - started, 2)}
     variant = Variant(id=variant_id, method=f"{parent.method}+int{bits}", parent=parent.id, density=parent.density,
                       params=parent.params, params_nonzero=parent.params_nonzero, macs=parent.macs, metrics=metrics,
