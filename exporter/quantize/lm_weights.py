@@ -16,7 +16,7 @@ exports as MatMul(x, Transpose(embedding)), which the quantizer skips (its weigh
 it gets its own transposed copy first, so the head, a fifth of a small LM, is quantized too. In an
 int4 twin the two then hold the same 4-bit blocks (the same values and scales: checked, not
 assumed), so the table gathers from the head's weights, as genai's builder shares them (SmolLM2-135M:
-file 99.6 -> 82.7 MiB; the logits are bit-identical).
+file 99.6 -> 82.8 MiB; the logits are bit-identical).
 """
 from __future__ import annotations
 
