@@ -67,7 +67,7 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, e
     stop_reason = "max_tokens"
     started = time.perf_counter()
     with runtime.hold() as held:
-        steps = _steps(held, min(len(ids) + max_new_tokens - 1, context_length), vocab_size(manifest.outputs[0]))
+        steps = _steps(held, min(len(ids) + max_new_tokens - 1, context_length))
         logits = steps.first(ids)
         for step in range(max_new_tokens):
             if step > 0:
@@ -91,13 +91,13 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, e
     return Generation(ids, new_ids, held.variant, stop_reason, seconds, len(new_ids) / max(seconds, 1e-9), text)
 
 
-def _steps(held: HeldVariant, positions: int, vocab: int | None):
+def _steps(held: HeldVariant, positions: int):
     """How the held variant's file runs a generation whose cache holds at most `positions` tokens (the last
     new token is never fed back)."""
     if held.kv_cache is None:
         return _WholeSequenceSteps(held)
     if held.kv_cache.buffer == "shared":
-        return _SharedBufferSteps(held, positions, vocab)
+        return _SharedBufferSteps(held, positions)
     return _CachedSteps(held)
 
 
@@ -105,22 +105,22 @@ class _SharedBufferSteps:
     """The prompt once, then one token per step, each written into the same buffers by the file itself;
     a step's logits go to one array bound with them, so a step allocates and binds only its token and mask."""
 
-    def __init__(self, held: HeldVariant, positions: int, vocab: int | None):
-        buffers = shared_cache(1, held.kv_cache, positions)
-        self.prompt = held.in_place(buffers)
-        self.logits = None if vocab is None else np.empty((1, 1, vocab), np.float32)
-        self.step = self.prompt if self.logits is None else held.in_place(buffers, self.logits)
+    def __init__(self, held: HeldVariant, positions: int):
+        self.held = held
+        self.buffers = shared_cache(1, held.kv_cache, positions)
         self.filled = 0
 
     def first(self, ids: list[int]) -> np.ndarray:
-        logits = self.prompt(np.asarray([ids], dtype=np.int64), 0).outputs[0]
+        logits = self.held.in_place(self.buffers)(np.asarray([ids], dtype=np.int64), 0).outputs[0]
+        self.logits = np.empty((1, 1, logits.shape[-1]), np.float32)
+        self.step = self.held.in_place(self.buffers, self.logits)
         self.filled = len(ids)
         return logits[0, -1]
 
     def next(self, ids: list[int]) -> np.ndarray:
-        outputs = self.step(np.asarray([ids[-1:]], dtype=np.int64), self.filled).outputs
+        self.step(np.asarray([ids[-1:]], dtype=np.int64), self.filled)
         self.filled += 1
-        return (outputs[0] if self.logits is None else self.logits)[0, -1]
+        return self.logits[0, -1]
 
 
 class _CachedSteps:

@@ -184,9 +184,9 @@ def _export(root: Path, name: str, tokenizer, dense: nn.Module, built: list[Buil
         rel = f"variants/{item.variant.id}.onnx"
         diff = export_causal_lm_onnx(item.model, root / rel, samples)
         item.variant.files["onnx"] = file_entry(root, rel, diff)
-        item.variant.files["onnx"].kv_cache = cache_entry(item.model)
+        item.variant.files["onnx"].kv_cache = cache = cache_entry(item.model)
         # what a generation's steps cost: one new token after half a context of cached ones
-        item.variant.host_latency_ms = step_latency_ms(root / rel, cache_entry(item.model), spec.context // 2)
+        item.variant.host_latency_ms = step_latency_ms(root / rel, cache, spec.context // 2)
         item.variant.details["torch_ms_per_token"] = round(latency_per_token_ms(item.model, spec.context, 3), 3)
         if spec.checkpoints is not None:
             save_pruned(item.model, spec.checkpoints / item.variant.id)

@@ -133,38 +133,45 @@ def _share_tied_table(model: onnx.ModelProto) -> bool:
     constants = {item.name: item for item in graph.initializer}
     heads = [node for node in graph.node if node.op_type == "MatMulNBits" and _attributes(node).get("bits") == 4]
     for gather in (node for node in graph.node if node.op_type == "GatherBlockQuantized"):
-        options = _attributes(gather)
-        if len(gather.input) > 3 or gather.input[0] not in constants or gather.input[2] not in constants:
-            continue
-        table = numpy_helper.to_array(constants[gather.input[0]])
-        scales = numpy_helper.to_array(constants[gather.input[2]])
-        if table.ndim != 2 or options.get("quantize_axis") != 1 or str(table.dtype) != "int4":
-            continue
-        for head in heads:
-            if _attributes(head).get("block_size") != options.get("block_size") or head.input[1] not in constants:
-                continue
-            packed = numpy_helper.to_array(constants[head.input[1]])
-            head_scales = numpy_helper.to_array(constants[head.input[2]]) if head.input[2] in constants else None
-            if (head_scales is None or head_scales.size != scales.size or packed.size * 2 != table.size
-                    or not np.array_equal(head_scales.reshape(scales.shape), scales)
-                    or not np.array_equal(_unpacked(packed, table.shape), table.astype(np.int16) + 8)):
-                continue
-            shape_name, rows = f"{head.input[1]}.as_table_shape", f"{head.input[1]}.as_table"
-            graph.initializer.append(numpy_helper.from_array(np.array([table.shape[0], table.shape[1] // 2],
-                                                                      np.int64), shape_name))
-            graph.node.insert(list(graph.node).index(gather),
-                              onnx.helper.make_node("Reshape", [head.input[1], shape_name], [rows], name=rows))
-            unused = [gather.input[0], gather.input[2]]
-            gather.input[0], gather.input[2] = rows, head.input[2]
-            kept = [attribute for attribute in gather.attribute if attribute.name != "bits"]
-            del gather.attribute[:]
-            gather.attribute.extend(kept + [onnx.helper.make_attribute("bits", 4)])
-            read = {name for node in graph.node for name in node.input}
-            for name in unused:
-                if name not in read:
-                    graph.initializer.remove(constants[name])
+        head = next((head for head in heads if _same_blocks(gather, head, constants)), None)
+        if head is not None:
+            _gather_from_head(graph, gather, head, constants)
             return True
     return False
+
+
+def _same_blocks(gather: onnx.NodeProto, head: onnx.NodeProto, constants: dict) -> bool:
+    """Whether the Gather's int4 table [N, K] and scales are the head's 4-bit blocks and scales, value by value."""
+    options = _attributes(gather)
+    names = (gather.input[0], gather.input[2], *head.input[1:3])
+    if (len(gather.input) > 3 or options.get("quantize_axis") != 1
+            or _attributes(head).get("block_size") != options.get("block_size")
+            or not all(name in constants for name in names)):
+        return False
+    sizes = [int(np.prod(constants[name].dims)) for name in names]  # before reading any array: only the head fits
+    if len(constants[names[0]].dims) != 2 or sizes[2] * 2 != sizes[0] or sizes[3] != sizes[1]:
+        return False
+    table, scales, packed, head_scales = (numpy_helper.to_array(constants[name]) for name in names)
+    return (str(table.dtype) == "int4" and np.array_equal(head_scales.reshape(scales.shape), scales)
+            and np.array_equal(_unpacked(packed, table.shape), table.astype(np.int16) + 8))
+
+
+def _gather_from_head(graph: onnx.GraphProto, gather: onnx.NodeProto, head: onnx.NodeProto, constants: dict) -> None:
+    """The Gather reads the head's blocks (a Reshape of them to [N, K / 2] uint8) and scales; its own go."""
+    rows, columns = constants[gather.input[0]].dims
+    shape_name, table = f"{head.input[1]}.as_table_shape", f"{head.input[1]}.as_table"
+    graph.initializer.append(numpy_helper.from_array(np.array([rows, columns // 2], np.int64), shape_name))
+    graph.node.insert(list(graph.node).index(gather),
+                      onnx.helper.make_node("Reshape", [head.input[1], shape_name], [table], name=table))
+    replaced = [gather.input[0], gather.input[2]]
+    gather.input[0], gather.input[2] = table, head.input[2]
+    kept = [attribute for attribute in gather.attribute if attribute.name != "bits"]
+    del gather.attribute[:]
+    gather.attribute.extend(kept + [onnx.helper.make_attribute("bits", 4)])
+    read = {name for node in graph.node for name in node.input}
+    for name in replaced:
+        if name not in read:
+            graph.initializer.remove(constants[name])
 
 
 def _unpacked(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
